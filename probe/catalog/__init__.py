@@ -1,0 +1,309 @@
+"""The service catalog: TOML files describing services, targets and expectations.
+
+The built-in catalog ships in ``probe/catalog/data``; ``--targets FILE`` adds a
+user's own. Every file is validated completely before anything runs: an unknown
+key, a wrong type, a bad port or URL fails with the file, the key path and the
+reason (``CatalogError``). See ``deploy/targets.example.toml`` for the format.
+
+>>> services = load_catalog(extra=[Path("my-sites.toml")])
+>>> [t.id for t in services[0].targets]
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import tomllib
+from collections.abc import Iterable, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from schema.model import TARGET_KINDS, Expectations, Service, Source, Target
+
+FORMAT_VERSION = 1
+
+_SERVICE_KEYS = {"name", "title", "notes", "source", "control"}
+_TARGET_KEYS = {
+    "id", "kind", "host", "ports", "url", "method", "body", "addresses", "sni",
+    "expect", "source", "control", "ca_file",
+}  # fmt: skip
+_EXPECT_KEYS = {"asns", "cert_names", "status"}
+_SOURCE_KEYS = {"url", "checked"}
+_METHODS = {"GET", "HEAD", "POST", "PUT", "OPTIONS"}
+
+
+class CatalogError(ValueError):
+    """A catalog file is malformed; the message names file, key and reason."""
+
+    def __init__(self, origin: str, key: str, reason: str) -> None:
+        self.origin, self.key, self.reason = origin, key, reason
+        where = f"{origin}: {key}: " if key else f"{origin}: "
+        super().__init__(where + reason)
+
+
+class _Checker:
+    """Typed access to one TOML table, raising CatalogError with the key path."""
+
+    def __init__(self, origin: str, table: dict[str, Any], path: str, allowed: set[str]) -> None:
+        self.origin, self.table, self.path = origin, table, path
+        unknown = sorted(set(table) - allowed)
+        if unknown:
+            raise CatalogError(
+                origin, self.key(unknown[0]), f"unknown key (allowed: {', '.join(sorted(allowed))})"
+            )
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def fail(self, name: str, reason: str) -> CatalogError:
+        return CatalogError(self.origin, self.key(name), reason)
+
+    def get(
+        self,
+        name: str,
+        kind: type | tuple[type, ...],
+        default: Any = None,
+        *,
+        required: bool = False,
+    ) -> Any:
+        if name not in self.table:
+            if required:
+                raise self.fail(name, "is required")
+            return default
+        value = self.table[name]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if isinstance(value, bool) and bool not in kinds:  # bool is an int subclass
+            raise self.fail(name, f"expected {_type_name(kind)}, got a boolean")
+        if not isinstance(value, kind):
+            raise self.fail(
+                name, f"expected {_type_name(kind)}, got {type(value).__name__} {value!r}"
+            )
+        return value
+
+    def text(self, name: str, *, required: bool = False, default: str | None = None) -> Any:
+        value = self.get(name, str, default, required=required)
+        if required and not value.strip():
+            raise self.fail(name, "must not be empty")
+        return value
+
+    def items(self, name: str, kind: type) -> list[Any]:
+        values = self.get(name, list, [])
+        for i, v in enumerate(values):
+            if isinstance(v, bool) or not isinstance(v, kind):
+                raise CatalogError(
+                    self.origin, f"{self.key(name)}[{i}]", f"expected {_type_name(kind)}, got {v!r}"
+                )
+        return values
+
+    def sub(self, name: str, allowed: set[str]) -> _Checker | None:
+        value = self.get(name, dict)
+        return None if value is None else _Checker(self.origin, value, self.key(name), allowed)
+
+
+def _type_name(kind: type | tuple[type, ...]) -> str:
+    names = {
+        str: "a string",
+        int: "an integer",
+        list: "a list",
+        dict: "a table",
+        bool: "true or false",
+    }
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def _source(c: _Checker, name: str, inherited: Source | None) -> Source | None:
+    sub = c.sub(name, _SOURCE_KEYS)
+    if sub is None:
+        return inherited
+    url = sub.text("url", required=True)
+    checked = sub.get("checked", (dt.date, str), required=True)
+    if isinstance(checked, dt.datetime):
+        checked = checked.date()
+    if isinstance(checked, str):
+        try:
+            checked = dt.date.fromisoformat(checked)
+        except ValueError as exc:
+            raise sub.fail("checked", f"not a date (YYYY-MM-DD): {checked!r}") from exc
+    return Source(url=url, checked=checked)
+
+
+def _port(c: _Checker, i: int, value: int) -> int:
+    if not 0 < value < 65536:
+        raise CatalogError(c.origin, f"{c.key('ports')}[{i}]", f"{value} is not a port (1-65535)")
+    return value
+
+
+def _target(
+    c: _Checker, service: str, inherited: Source | None, control: bool, base: Path | None
+) -> Target:
+    tid = c.text("id", required=True)
+    kind = c.text("kind", required=True)
+    if kind not in TARGET_KINDS:
+        raise c.fail("kind", f"{kind!r} is not one of {', '.join(TARGET_KINDS)}")
+    url = c.text("url")
+    host = c.text("host")
+    if kind == "http":
+        if not url:
+            raise c.fail("url", 'is required for kind = "http"')
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise c.fail("url", f"not an http:// or https:// URL with a host: {url!r}")
+        try:
+            parts.port  # noqa: B018 - raises on a bad port
+        except ValueError as exc:
+            raise c.fail("url", f"bad port in {url!r}") from exc
+        host = host or parts.hostname
+    elif url:
+        raise c.fail("url", f'only kind = "http" targets take a URL (this one is {kind!r})')
+    if not host:
+        raise c.fail("host", "is required")
+    ports = tuple(_port(c, i, p) for i, p in enumerate(c.items("ports", int)))
+    if kind == "tcp" and not ports:
+        raise c.fail("ports", "a tcp target needs at least one port")
+    if kind == "dns" and ports:
+        raise c.fail("ports", "a dns target has no ports")
+    addresses = c.items("addresses", str)
+    for i, a in enumerate(addresses):
+        try:
+            ipaddress.ip_address(a)
+        except ValueError as exc:
+            raise CatalogError(
+                c.origin, f"{c.key('addresses')}[{i}]", f"not an IP address: {a!r}"
+            ) from exc
+    method = c.text("method", default="GET").upper()
+    if method not in _METHODS:
+        raise c.fail("method", f"{method!r} is not one of {', '.join(sorted(_METHODS))}")
+    expect = c.sub("expect", _EXPECT_KEYS)
+    expectations = Expectations()
+    if expect is not None:
+        statuses = expect.items("status", int)
+        for i, s in enumerate(statuses):
+            if not 100 <= s <= 599:
+                raise CatalogError(
+                    c.origin, f"{expect.key('status')}[{i}]", f"{s} is not an HTTP status"
+                )
+        expectations = Expectations(
+            asns=tuple(expect.items("asns", int)),
+            cert_names=tuple(expect.items("cert_names", str)),
+            status=tuple(statuses),
+        )
+    ca_file = c.text("ca_file")
+    if ca_file:
+        path = Path(ca_file)
+        if not path.is_absolute() and base is not None:
+            path = base / path
+        if not path.is_file():
+            raise c.fail("ca_file", f"no such file: {path}")
+        ca_file = str(path)
+    return Target(
+        id=tid,
+        service=service,
+        kind=kind,
+        host=host,
+        ports=ports,
+        url=url,
+        method=method,
+        body=c.text("body"),
+        addresses=tuple(addresses),
+        sni=c.text("sni"),
+        expect=expectations,
+        source=_source(c, "source", inherited),
+        control=bool(c.get("control", bool, control)),
+        ca_file=ca_file,
+    )
+
+
+def parse_catalog(text: str, origin: str, base: Path | None = None) -> Service:
+    """Parse one catalog document (one service). ``origin`` names it in errors."""
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise CatalogError(origin, "", f"not valid TOML: {exc}") from exc
+    top = _Checker(origin, doc, "", {"format", "service", "target"})
+    fmt = top.get("format", int, required=True)
+    if fmt != FORMAT_VERSION:
+        raise top.fail("format", f"this Vantage reads catalog format {FORMAT_VERSION}, not {fmt}")
+    svc = top.sub("service", _SERVICE_KEYS)
+    if svc is None:
+        raise top.fail("service", "is required (a [service] table)")
+    name = svc.text("name", required=True)
+    source = _source(svc, "source", None)
+    control = bool(svc.get("control", bool, False))
+    raw_targets = top.get("target", list, required=True)
+    if not raw_targets:
+        raise top.fail("target", "a service needs at least one [[target]]")
+    targets: list[Target] = []
+    seen: set[str] = set()
+    for i, raw in enumerate(raw_targets):
+        if not isinstance(raw, dict):
+            raise CatalogError(origin, f"target[{i}]", "expected a table ([[target]])")
+        t = _target(
+            _Checker(origin, raw, f"target[{i}]", _TARGET_KEYS), name, source, control, base
+        )
+        if t.id in seen:
+            raise CatalogError(origin, f"target[{i}].id", f"duplicate target id {t.id!r}")
+        seen.add(t.id)
+        targets.append(t)
+    return Service(
+        name=name,
+        title=svc.text("title", default=name),
+        targets=tuple(targets),
+        source=source,
+        control=control,
+        notes=svc.text("notes", default=""),
+        origin=origin,
+    )
+
+
+def load_file(path: Path) -> Service:
+    try:
+        text = path.read_text("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CatalogError(str(path), "", f"cannot read: {exc}") from exc
+    return parse_catalog(text, str(path), path.parent)
+
+
+def builtin_services() -> list[Service]:
+    """The catalog shipped with Vantage (messaging services and controls)."""
+    services = []
+    data = resources.files("probe.catalog").joinpath("data")
+    for entry in sorted(data.iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".toml"):
+            services.append(parse_catalog(entry.read_text("utf-8"), f"builtin:{entry.name}"))
+    return services
+
+
+def load_catalog(extra: Iterable[Path] = (), *, builtin: bool = True) -> list[Service]:
+    """The built-in catalog (unless ``builtin`` is false) plus the given files.
+
+    A service name may appear only once across all files.
+    """
+    services = builtin_services() if builtin else []
+    for path in extra:
+        services.append(load_file(Path(path)))
+    origins: dict[str, str] = {}
+    for s in services:
+        if s.name in origins:
+            raise CatalogError(
+                s.origin,
+                "service.name",
+                f"service {s.name!r} is already defined in {origins[s.name]}",
+            )
+        origins[s.name] = s.origin
+    return services
+
+
+def select(services: Sequence[Service], names: Sequence[str] = ()) -> list[Service]:
+    """Only the named services (all when ``names`` is empty); unknown names fail."""
+    if not names:
+        return list(services)
+    known = {s.name: s for s in services}
+    missing = [n for n in names if n not in known]
+    if missing:
+        raise CatalogError(
+            "--service", "", f"unknown service {missing[0]!r} (known: {', '.join(sorted(known))})"
+        )
+    return [known[n] for n in names]

@@ -1,0 +1,216 @@
+"""Configuration, merged once: defaults < file < ``VANTAGE_*`` environment < flags.
+
+The result is one frozen :class:`Config`. A bad value fails with the key and the
+reason (:class:`ConfigError`), before anything is measured. ``deploy/vantage.toml.example``
+documents every key.
+
+>>> cfg = load_config(Path("vantage.toml"), env={"VANTAGE_ENGINE_CONCURRENCY": "4"})
+>>> cfg.engine.concurrency
+4
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "VANTAGE_"
+DEFAULT_CONFIG_PATHS = (Path("/etc/vantage/vantage.toml"),)
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the key."""
+
+
+@dataclass(frozen=True)
+class ProbeSection:
+    data_dir: str = ""  # default: $XDG_DATA_HOME/vantage
+    db: str = ""  # SQLAlchemy URL; default: SQLite in data_dir
+
+
+@dataclass(frozen=True)
+class VantageSection:
+    asn: int = 0
+    cc: str = "ZZ"
+    network_name: str = ""
+    network_type: str = ""  # wifi | ethernet | mobile | ""
+
+
+@dataclass(frozen=True)
+class DNSSection:
+    system: bool = True  # query the resolvers of /etc/resolv.conf
+    resolv_conf: str = "/etc/resolv.conf"
+    resolvers: tuple[str, ...] = ()  # udp://IP[:PORT], tcp://IP[:PORT], https://.../dns-query
+
+
+@dataclass(frozen=True)
+class EngineSection:
+    concurrency: int = 16
+    run_deadline: float = 600.0
+    dns_timeout: float = 5.0
+    tcp_timeout: float = 15.0
+    tls_timeout: float = 10.0
+    http_timeout: float = 20.0
+    max_addresses: int = 8
+    ca_bundle: tuple[str, ...] = ()
+    system_cas: bool = True
+    public_ranges: tuple[str, ...] = ()  # reserved ranges to treat as public (lab, tests)
+
+
+@dataclass(frozen=True)
+class Config:
+    probe: ProbeSection = field(default_factory=ProbeSection)
+    vantage: VantageSection = field(default_factory=VantageSection)
+    dns: DNSSection = field(default_factory=DNSSection)
+    engine: EngineSection = field(default_factory=EngineSection)
+
+    def data_dir(self) -> Path:
+        if self.probe.data_dir:
+            return Path(self.probe.data_dir).expanduser()
+        base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+        return Path(base) / "vantage"
+
+    def db_url(self) -> str:
+        return self.probe.db or f"sqlite:///{self.data_dir() / 'vantage.db'}"
+
+
+_SECTIONS: dict[str, type] = {
+    "probe": ProbeSection,
+    "vantage": VantageSection,
+    "dns": DNSSection,
+    "engine": EngineSection,
+}
+
+
+def _coerce(key: str, value: Any, kind: Any, *, from_text: bool) -> Any:
+    """Check (file) or convert (environment, flags) ``value`` to the field's type."""
+    try:
+        if kind == "bool":
+            if from_text and isinstance(value, str):
+                low = value.strip().lower()
+                if low in ("1", "true", "yes", "on"):
+                    return True
+                if low in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            if not isinstance(value, bool):
+                raise TypeError
+            return value
+        if kind == "int":
+            if isinstance(value, bool) or not (from_text or isinstance(value, int)):
+                raise TypeError
+            return int(value)
+        if kind == "float":
+            if isinstance(value, bool):
+                raise TypeError
+            if isinstance(value, int | float) or from_text:
+                return float(value)
+            raise TypeError
+        if kind == "str":
+            if not isinstance(value, str):
+                raise TypeError
+            return value
+        if kind == "tuple[str, ...]":
+            if from_text and isinstance(value, str):
+                return tuple(v.strip() for v in value.split(",") if v.strip())
+            if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+                raise TypeError
+            return tuple(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: expected {_KIND_TEXT[kind]}, got {value!r}") from None
+    raise ConfigError(f"{key}: unsupported type {kind}")  # pragma: no cover - programming error
+
+
+_KIND_TEXT = {
+    "bool": "true or false",
+    "int": "an integer",
+    "float": "a number",
+    "str": "a string",
+    "tuple[str, ...]": "a list of strings",
+}
+
+
+def _apply(
+    sections: dict[str, dict[str, Any]],
+    section: str,
+    key: str,
+    value: Any,
+    origin: str,
+    *,
+    from_text: bool,
+) -> None:
+    cls = _SECTIONS.get(section)
+    if cls is None:
+        raise ConfigError(f"{origin}: unknown section [{section}] (known: {', '.join(_SECTIONS)})")
+    fields = {f.name: f.type for f in dataclasses.fields(cls)}
+    if key not in fields:
+        raise ConfigError(f"{origin}: unknown key {section}.{key} (known: {', '.join(fields)})")
+    sections[section][key] = _coerce(
+        f"{origin}: {section}.{key}", value, fields[key], from_text=from_text
+    )
+
+
+def load_config(
+    path: Path | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Merge the layers into one :class:`Config`.
+
+    ``path``: a TOML file (an explicit path must exist; otherwise the first of
+    ``DEFAULT_CONFIG_PATHS`` that exists is read). ``env``: the environment
+    (``VANTAGE_ENGINE_CONCURRENCY=4`` sets ``engine.concurrency``). ``overrides``:
+    ``{"engine.concurrency": 4}`` from command-line flags.
+    """
+    sections: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
+    if path is None:
+        path = next((p for p in DEFAULT_CONFIG_PATHS if p.is_file()), None)
+    elif not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    if path is not None:
+        try:
+            doc = tomllib.loads(path.read_text("utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"{path}: cannot read config: {exc}") from exc
+        for section, table in doc.items():
+            if not isinstance(table, dict):
+                raise ConfigError(f"{path}: {section}: expected a [section] table")
+            for key, value in table.items():
+                _apply(sections, section, key, value, str(path), from_text=False)
+    for name, value in (env or {}).items():
+        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
+            continue
+        rest = name[len(ENV_PREFIX) :].lower()
+        section, _, key = rest.partition("_")
+        if section in _SECTIONS:
+            _apply(sections, section, key, value, f"environment {name}", from_text=True)
+    for dotted, value in (overrides or {}).items():
+        section, _, key = dotted.partition(".")
+        _apply(sections, section, key, value, "command line", from_text=True)
+    cfg = Config(**{name: _SECTIONS[name](**values) for name, values in sections.items()})
+    _validate(cfg)
+    return cfg
+
+
+def _validate(cfg: Config) -> None:
+    e = cfg.engine
+    if e.concurrency < 1:
+        raise ConfigError(f"engine.concurrency: must be at least 1, got {e.concurrency}")
+    for name in ("run_deadline", "dns_timeout", "tcp_timeout", "tls_timeout", "http_timeout"):
+        if getattr(e, name) <= 0:
+            raise ConfigError(f"engine.{name}: must be positive, got {getattr(e, name)}")
+    if e.max_addresses < 1:
+        raise ConfigError(f"engine.max_addresses: must be at least 1, got {e.max_addresses}")
+    v = cfg.vantage
+    if not (len(v.cc) == 2 and v.cc.isalpha() and v.cc.isupper()):
+        raise ConfigError(f"vantage.cc: a two-letter upper-case country code, got {v.cc!r}")
+    if v.asn < 0:
+        raise ConfigError(f"vantage.asn: must not be negative, got {v.asn}")
+    if v.network_type not in ("", "wifi", "ethernet", "mobile"):
+        raise ConfigError(f"vantage.network_type: wifi, ethernet or mobile, got {v.network_type!r}")

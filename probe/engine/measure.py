@@ -1,0 +1,131 @@
+"""One target, measured once: DNS, then TCP, TLS and HTTP as the target asks.
+
+Steps record observations as they start, so a measurement cut short (the run's
+deadline, Ctrl-C) still says what it was doing: the step in progress is recorded
+as ``interrupted`` and the measurement is returned, not lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import uuid
+from urllib.parse import urlsplit
+
+import httpx
+
+from probe.engine import dns, http, tcp, tls
+from probe.engine.context import EngineContext
+from probe.engine.trace import Trace
+from schema.model import Measurement, Target, VantagePoint
+
+
+def is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def target_ports(target: Target) -> tuple[int, ...]:
+    """The ports a target is measured on: its own, or the URL's."""
+    if target.ports:
+        return target.ports
+    if target.url:
+        parts = urlsplit(target.url)
+        return (parts.port or (443 if parts.scheme == "https" else 80),)
+    return (443,) if target.kind == "tls" else ()
+
+
+def uses_tls(target: Target) -> bool:
+    if target.kind == "tls":
+        return True
+    return target.kind == "http" and urlsplit(target.url or "").scheme == "https"
+
+
+async def _endpoint(
+    m: Measurement, ip: str, port: int, ctx: EngineContext, trace: Trace, want_tls: bool
+) -> bool:
+    """Connect (and handshake); True when the endpoint got through every step."""
+    conn, stream = await tcp.connect(ip, port, ctx, trace, m.tcp_connect)
+    if stream is None:
+        return False
+    try:
+        if not want_tls:
+            return conn.success
+        hs = await tls.handshake(
+            stream, ip, port, m.target.server_name, ctx, trace, m.target.ca_file, m.tls_handshakes
+        )
+        return hs.failure is None
+    finally:
+        await tcp.close(stream)
+
+
+async def _measure_steps(
+    m: Measurement, ctx: EngineContext, trace: Trace, doh_client: httpx.AsyncClient | None
+) -> None:
+    target = m.target
+    addresses = list(target.addresses)
+    if not is_ip(target.host):
+        queries = await dns.resolve(target.host, ctx, trace, doh_client, record=m.queries)
+        addresses += dns.usable_addresses(queries)
+    elif target.host not in addresses:
+        addresses.insert(0, target.host)
+    if target.kind == "dns":
+        return
+    addresses = list(dict.fromkeys(addresses))[: ctx.max_addresses]
+    ports = target_ports(target)
+    want_tls = uses_tls(target)
+    endpoints = [(ip, port) for ip in addresses for port in ports]
+    results = await asyncio.gather(
+        *(_endpoint(m, ip, port, ctx, trace, want_tls) for ip, port in endpoints)
+    )
+    if target.kind != "http" or not target.url:
+        return
+    reachable = [ep for ep, ok in zip(endpoints, results, strict=True) if ok]
+    if not reachable:
+        return  # nothing got through: the TCP/TLS observations already say why
+    host = urlsplit(target.url).hostname or target.host
+    pins = {} if is_ip(host) else {host: reachable[0][0]}
+    await http.fetch(
+        target.url,
+        ctx,
+        trace,
+        pins=pins,
+        method=target.method,
+        body=target.body,
+        extra_ca=target.ca_file,
+        record=m.requests,
+    )
+
+
+async def measure(
+    target: Target,
+    vantage: VantagePoint,
+    run_id: str,
+    ctx: EngineContext,
+    doh_client: httpx.AsyncClient | None = None,
+) -> Measurement:
+    """Measure ``target``. Cancelling the task returns what was measured so far.
+
+    A failed step is data (an observation with a failure string); this function
+    raises only when the probe itself cannot run.
+    """
+    trace = Trace(ctx.clock)
+    m = Measurement(
+        measurement_uid=str(uuid.uuid4()),
+        run_id=run_id,
+        target=target,
+        vantage=vantage,
+        start_time=ctx.now_utc().replace(microsecond=0),
+    )
+    try:
+        await _measure_steps(m, ctx, trace, doh_client)
+    except asyncio.CancelledError:
+        # Deliberately absorbed: the run cancels in-flight measurements to stop them
+        # and wants what they measured; each step recorded "interrupted".
+        m.annotations["interrupted"] = "true"
+    finally:
+        m.test_runtime = trace.now()
+    return m

@@ -1,0 +1,112 @@
+"""A run: many targets measured with bounded concurrency and one deadline.
+
+Measurements are handed to ``on_measurement`` as they finish (the store writes
+them before anything reports them). :meth:`Run.stop` (Ctrl-C, SIGTERM) and the
+deadline cancel what is in flight: those measurements come back marked
+``interrupted`` and are kept; targets not yet started are skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+
+import httpx
+
+from probe.engine.context import EngineContext
+from probe.engine.measure import measure
+from schema.model import Measurement, Target, VantagePoint
+
+Sink = Callable[[Measurement], Awaitable[None]]
+
+
+@dataclass
+class RunOutcome:
+    run_id: str
+    status: str  # complete | interrupted | deadline
+    measured: int
+    skipped: int
+
+
+class Run:
+    """One execution of a list of targets."""
+
+    def __init__(
+        self,
+        targets: Iterable[Target],
+        vantage: VantagePoint,
+        ctx: EngineContext,
+        *,
+        concurrency: int = 16,
+        deadline: float | None = 600.0,
+        run_id: str | None = None,
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        self.targets = list(targets)
+        self.vantage = vantage
+        self.ctx = ctx
+        self.concurrency = concurrency
+        self.deadline = deadline
+        self.run_id = run_id or str(uuid.uuid4())
+        self.status = "complete"
+        self._stopping = False
+        self._in_flight: set[asyncio.Task[Measurement]] = set()
+
+    def stop(self, reason: str = "interrupted") -> None:
+        """Stop starting targets and cancel those in flight (idempotent)."""
+        if self._stopping:
+            return
+        self._stopping = True
+        self.status = reason
+        for task in list(self._in_flight):
+            task.cancel()
+
+    async def execute(self, on_measurement: Sink) -> RunOutcome:
+        queue: asyncio.Queue[Target] = asyncio.Queue()
+        for target in self.targets:
+            queue.put_nowait(target)
+        measured = 0
+        loop = asyncio.get_running_loop()
+        timer = loop.call_later(self.deadline, self.stop, "deadline") if self.deadline else None
+        needs_doh = any(r.engine == "doh" for r in self.ctx.resolvers)
+        doh_client = (
+            httpx.AsyncClient(verify=self.ctx.ssl_context("http"), timeout=self.ctx.timeouts.dns)
+            if needs_doh
+            else None
+        )
+
+        async def worker() -> None:
+            nonlocal measured
+            while not self._stopping:
+                try:
+                    target = queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    return
+                task = asyncio.create_task(
+                    measure(target, self.vantage, self.run_id, self.ctx, doh_client)
+                )
+                self._in_flight.add(task)
+                try:
+                    m = await asyncio.shield(task)
+                except asyncio.CancelledError:
+                    # The worker itself was cancelled: stop the measurement and keep it.
+                    task.cancel()
+                    m = await task
+                    self.stop()
+                finally:
+                    self._in_flight.discard(task)
+                measured += 1
+                await on_measurement(m)
+
+        try:
+            workers = [asyncio.create_task(worker()) for _ in range(self.concurrency)]
+            await asyncio.gather(*workers)
+        finally:
+            if timer is not None:
+                timer.cancel()
+            if doh_client is not None:
+                await doh_client.aclose()
+        return RunOutcome(self.run_id, self.status, measured, queue.qsize())

@@ -1,0 +1,104 @@
+"""TLS handshake with SNI on an already connected socket, keeping the chain.
+
+The handshake runs over :class:`ssl.MemoryBIO` on the measured TCP connection, so
+what the TLS step sees is exactly what that connection carried, and the peer's
+certificate chain is kept even when validation fails (interception evidence).
+Validation uses the context's trust store: the system CAs plus any CA the target
+or ``--ca-bundle`` adds.
+"""
+
+from __future__ import annotations
+
+import _ssl
+import asyncio
+import ssl
+from typing import TYPE_CHECKING
+
+from probe.engine.failures import classify
+from probe.engine.tcp import Stream
+from probe.engine.trace import Trace
+from schema.model import TLSHandshake
+
+if TYPE_CHECKING:
+    from probe.engine.context import EngineContext
+
+_ENCODING_DER = getattr(_ssl, "ENCODING_DER", 2)
+_READ_SIZE = 65536
+
+
+def _peer_chain(obj: ssl.SSLObject) -> list[bytes]:
+    # Python 3.13 makes this public; 3.11 and 3.12 expose it on the C object.
+    getter = getattr(obj, "get_unverified_chain", None) or getattr(
+        getattr(obj, "_sslobj", None), "get_unverified_chain", None
+    )
+    if getter is None:
+        return []
+    try:
+        chain = getter() or []
+    except (ssl.SSLError, ValueError):
+        return []
+    out: list[bytes] = []
+    for cert in chain:
+        der = cert.public_bytes(_ENCODING_DER) if hasattr(cert, "public_bytes") else cert
+        out.append(bytes(der))
+    return out
+
+
+async def _drive(
+    obj: ssl.SSLObject, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO, stream: Stream
+) -> None:
+    reader, writer = stream
+    while True:
+        try:
+            obj.do_handshake()
+        except ssl.SSLWantReadError:
+            pass
+        else:
+            pending = outgoing.read()
+            if pending:  # e.g. the client Finished of TLS 1.3
+                writer.write(pending)
+                await writer.drain()
+            return
+        pending = outgoing.read()
+        if pending:
+            writer.write(pending)
+            await writer.drain()
+        data = await reader.read(_READ_SIZE)
+        if not data:
+            incoming.write_eof()
+        else:
+            incoming.write(data)
+
+
+async def handshake(
+    stream: Stream,
+    ip: str,
+    port: int,
+    server_name: str,
+    ctx: EngineContext,
+    trace: Trace,
+    extra_ca: str | None = None,
+    record: list[TLSHandshake] | None = None,
+) -> TLSHandshake:
+    """Handshake over ``stream`` with SNI ``server_name`` and validate the peer."""
+    obs = TLSHandshake(ip=ip, port=port, server_name=server_name, t0=trace.now(), t=0.0)
+    if record is not None:
+        record.append(obs)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.ssl_context("tls", extra_ca).wrap_bio(incoming, outgoing, server_hostname=server_name)
+    try:
+        async with asyncio.timeout(ctx.timeouts.tls):
+            await _drive(obj, incoming, outgoing, stream)
+        obs.tls_version = obj.version()
+        cipher = obj.cipher()
+        obs.cipher_suite = cipher[0] if cipher else None
+        obs.negotiated_protocol = obj.selected_alpn_protocol()
+    except asyncio.CancelledError:
+        obs.failure, obs.failed_operation = "interrupted", "tls_handshake"
+        raise
+    except Exception as exc:  # noqa: BLE001 - every failure becomes data
+        obs.failure, obs.failed_operation = classify(exc), "tls_handshake"
+    finally:
+        obs.peer_certificates = _peer_chain(obj)
+        obs.t = trace.now()
+    return obs

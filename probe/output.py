@@ -1,0 +1,88 @@
+"""What a person sees: a table per service and target, a progress bar on a terminal,
+plain text when piped. Pure formatting of stored measurements; no measuring here."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import IO, Protocol
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from schema.model import Measurement
+
+STEPS = ("dns", "tcp", "tls", "http")
+
+
+class _Step(Protocol):
+    failure: str | None
+
+
+def _step(observations: Sequence[_Step]) -> str:
+    if not observations:
+        return "-"
+    ok = sum(1 for o in observations if o.failure is None)
+    if ok == len(observations):
+        return "ok" if ok == 1 else f"ok {ok}/{ok}"
+    if ok == 0:
+        first = observations[0].failure or ""
+        return first if len(observations) == 1 else f"{first} 0/{len(observations)}"
+    failures = sorted({o.failure for o in observations if o.failure})
+    return f"{ok}/{len(observations)} ok; {', '.join(failures)}"
+
+
+def summarise(m: Measurement) -> dict[str, str]:
+    """One row: each step's outcome and the measurement's runtime."""
+    if m.requests:
+        last = m.requests[-1]
+        hops = f" after {len(m.requests) - 1} redirects" if len(m.requests) > 1 else ""
+        http = last.failure or f"{last.status}{hops}"
+    else:
+        http = "-"
+    return {
+        "service": m.target.service,
+        "target": m.target.id,
+        "input": m.target.input,
+        "dns": _step(m.queries),
+        "tcp": _step(m.tcp_connect),
+        "tls": _step(m.tls_handshakes),
+        "http": http,
+        "time": f"{m.test_runtime:.2f}s",
+    }
+
+
+def _style(cell: str) -> str:
+    if cell == "-" or cell.startswith("ok") or cell[:3].isdigit() and "ok;" not in cell:
+        return escape(cell)
+    colour = "yellow" if "ok;" in cell else "red"
+    return f"[{colour}]{escape(cell)}[/{colour}]"
+
+
+def _ordered(measurements: Sequence[Measurement]) -> list[Measurement]:
+    return sorted(measurements, key=lambda m: (m.target.service, m.target.id))
+
+
+def print_table(measurements: Sequence[Measurement], console: Console) -> None:
+    """A rich table per service (for a terminal)."""
+    by_service: dict[str, list[Measurement]] = {}
+    for m in _ordered(measurements):
+        by_service.setdefault(m.target.service, []).append(m)
+    for service, items in by_service.items():
+        table = Table(title=service, title_justify="left")
+        for col in ("target", "input", *STEPS, "time"):
+            table.add_column(col, overflow="fold")
+        for m in items:
+            row = summarise(m)
+            cells = [row[c] for c in ("target", "input", *STEPS, "time")]
+            table.add_row(*(escape(c) for c in cells[:2]), *map(_style, cells[2:6]), cells[6])
+        console.print(table)
+
+
+def print_plain(measurements: Sequence[Measurement], out: IO[str]) -> None:
+    """Tab-separated lines with a header (for pipes and logs)."""
+    cols = ("service", "target", *STEPS, "time")
+    out.write("\t".join(cols) + "\n")
+    for m in _ordered(measurements):
+        row = summarise(m)
+        out.write("\t".join(row[c] for c in cols) + "\n")

@@ -1,0 +1,93 @@
+"""The SQL tables, as SQLAlchemy Core metadata, shared by probe and collector.
+
+The same tables serve SQLite on the probe and PostgreSQL on the collector; JSON
+columns become JSONB on PostgreSQL. Observations are rows of their own (queryable
+by kind, address and failure) and keep their full wire record in ``data``; a
+measurement row records how many observations it owns so a reader can tell a
+complete measurement from a damaged one. Migrations live in ``schema/migrations``
+and MUST be updated with any change here.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB
+
+metadata = sa.MetaData()
+
+JSONType = sa.JSON().with_variant(JSONB(), "postgresql")
+
+vantage_points = sa.Table(
+    "vantage_points",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("fingerprint", sa.String(64), nullable=False, unique=True),
+    sa.Column("probe_id", sa.String(36), nullable=False, index=True),
+    sa.Column("asn", sa.Integer, nullable=False),
+    sa.Column("cc", sa.String(2), nullable=False),
+    sa.Column("network_name", sa.Text),
+    sa.Column("network_type", sa.String(16)),
+    sa.Column("resolver_ip", sa.String(64)),
+    sa.Column("resolver_asn", sa.Integer, nullable=False),
+    sa.Column("resolver_network_name", sa.Text),
+    sa.Column("software_name", sa.String(32), nullable=False),
+    sa.Column("software_version", sa.String(32), nullable=False),
+    sa.Column("platform", sa.String(64), nullable=False),
+    sa.Column("architecture", sa.String(32), nullable=False),
+)
+
+runs = sa.Table(
+    "runs",
+    metadata,
+    sa.Column("run_id", sa.String(36), primary_key=True),
+    sa.Column("suite", sa.String(64), nullable=False),
+    sa.Column("started_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("finished_at", sa.DateTime(timezone=True)),
+    # running | complete | interrupted | deadline
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("vantage_point_id", sa.Integer, sa.ForeignKey("vantage_points.id"), nullable=False),
+    sa.Column("measurement_count", sa.Integer, nullable=False, default=0),
+)
+
+measurements = sa.Table(
+    "measurements",
+    metadata,
+    sa.Column("measurement_uid", sa.String(36), primary_key=True),
+    sa.Column("run_id", sa.String(36), sa.ForeignKey("runs.run_id"), nullable=False, index=True),
+    sa.Column("vantage_point_id", sa.Integer, sa.ForeignKey("vantage_points.id"), nullable=False),
+    sa.Column("data_format_version", sa.String(16), nullable=False),
+    sa.Column("service", sa.String(64), nullable=False),
+    sa.Column("target_id", sa.String(128), nullable=False),
+    sa.Column("target_kind", sa.String(8), nullable=False),
+    sa.Column("input", sa.Text, nullable=False),
+    sa.Column("start_time", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("test_runtime", sa.Float, nullable=False),
+    sa.Column("failure", sa.Text),
+    sa.Column("observation_count", sa.Integer, nullable=False),
+    sa.Column("target", JSONType, nullable=False),
+    sa.Column("annotations", JSONType, nullable=False),
+    sa.Index("ix_measurements_service_time", "service", "start_time"),
+)
+
+observations = sa.Table(
+    "observations",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column(
+        "measurement_uid",
+        sa.String(36),
+        sa.ForeignKey("measurements.measurement_uid", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    sa.Column("kind", sa.String(8), nullable=False),  # dns | tcp | tls | http
+    sa.Column("seq", sa.Integer, nullable=False),
+    sa.Column("hostname", sa.Text),
+    sa.Column("address", sa.String(64)),
+    sa.Column("port", sa.Integer),
+    sa.Column("failure", sa.Text),
+    sa.Column("failed_operation", sa.String(16)),
+    sa.Column("t0", sa.Float, nullable=False),
+    sa.Column("t", sa.Float, nullable=False),
+    sa.Column("data", JSONType, nullable=False),
+    sa.UniqueConstraint("measurement_uid", "kind", "seq", name="uq_observation_seq"),
+)
