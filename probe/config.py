@@ -181,6 +181,9 @@ def load_config(
         for section, table in doc.items():
             if not isinstance(table, dict):
                 raise ConfigError(f"{path}: {section}: expected a [section] table")
+            if section not in _SECTIONS:
+                known = ", ".join(_SECTIONS)
+                raise ConfigError(f"{path}: unknown section [{section}] (known: {known})")
             for key, value in table.items():
                 _apply(sections, section, key, value, str(path), from_text=False)
     for name, value in (env or {}).items():

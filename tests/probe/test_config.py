@@ -1,0 +1,60 @@
+"""Configuration layers: defaults < file < environment < flags, with clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from probe.config import ConfigError, load_config
+
+
+def test_layers_override_in_order(tmp_path: Path) -> None:
+    path = tmp_path / "v.toml"
+    path.write_text('[engine]\nconcurrency = 4\ntcp_timeout = 3\n[vantage]\ncc = "IR"\n'
+                    '[dns]\nresolvers = ["udp://127.0.0.1:5353"]\n')  # fmt: skip
+    cfg = load_config(path, env={}, overrides={})
+    assert (cfg.engine.concurrency, cfg.engine.tcp_timeout, cfg.vantage.cc) == (4, 3.0, "IR")
+    assert cfg.dns.resolvers == ("udp://127.0.0.1:5353",)
+    assert cfg.engine.tls_timeout == 10.0  # default kept
+    env = {"VANTAGE_ENGINE_CONCURRENCY": "8", "VANTAGE_DNS_RESOLVERS": "udp://127.0.0.2, tcp://127.0.0.3",
+           "VANTAGE_DNS_SYSTEM": "no", "HOME": "/x"}  # fmt: skip
+    cfg = load_config(path, env=env, overrides={})
+    assert cfg.engine.concurrency == 8 and cfg.dns.system is False
+    assert cfg.dns.resolvers == ("udp://127.0.0.2", "tcp://127.0.0.3")
+    cfg = load_config(path, env=env, overrides={"engine.concurrency": 2})
+    assert cfg.engine.concurrency == 2
+
+
+def test_database_defaults_to_sqlite_in_the_data_dir(tmp_path: Path) -> None:
+    cfg = load_config(None, env={}, overrides={"probe.data_dir": str(tmp_path)})
+    assert cfg.db_url() == f"sqlite:///{tmp_path / 'vantage.db'}"
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "message"),
+    [
+        ('[engine]\nconcurrency = "many"\n', {}, "engine.concurrency: expected an integer"),
+        ("[engine]\nconcurency = 3\n", {}, "unknown key engine.concurency"),
+        ("[engin]\n", {}, "unknown section [engin]"),
+        ('[vantage]\ncc = "iran"\n', {}, "vantage.cc"),
+        ("[engine]\nconcurrency = 0\n", {}, "engine.concurrency: must be at least 1"),
+        (
+            "",
+            {"VANTAGE_ENGINE_TCP_TIMEOUT": "soon"},
+            "VANTAGE_ENGINE_TCP_TIMEOUT: engine.tcp_timeout",
+        ),
+        ("", {"VANTAGE_DNS_SYSTEM": "maybe"}, "expected true or false"),
+        ("[engine\n", {}, "cannot read config"),
+    ],
+)
+def test_bad_values_name_the_key(tmp_path: Path, text: str, env: dict, message: str) -> None:
+    path = tmp_path / "v.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace(".", r"\.")):
+        load_config(path, env=env)
+
+
+def test_missing_explicit_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(tmp_path / "nope.toml", env={})
