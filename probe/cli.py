@@ -223,7 +223,7 @@ def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
         f"run {run.run_id}: {len(done)} of {len(targets)} targets measured ({run.status}), "
         f"stored in {_safe_url(cfg.db_url())}"
     )
-    err.print(summary, highlight=False, markup=False)
+    print(summary, file=sys.stderr)
     return {"complete": 0, "deadline": EX_DEADLINE}.get(run.status, EX_INTERRUPTED)
 
 
@@ -256,7 +256,6 @@ def cmd_targets(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    err = Console(stderr=True, highlight=False)
     try:
         config_path = args.config or (
             Path(os.environ["VANTAGE_CONFIG"]) if "VANTAGE_CONFIG" in os.environ else None
@@ -268,11 +267,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_run(args, cfg)
         return cmd_targets(args)
     except (ConfigError, ResolverSpecError) as exc:
-        err.print(f"vantage: configuration error: {exc}", markup=False)
+        print(f"vantage: configuration error: {exc}", file=sys.stderr)
         return EX_CONFIG
     except CatalogError as exc:
-        err.print(f"vantage: catalog error: {exc}", markup=False)
+        print(f"vantage: catalog error: {exc}", file=sys.stderr)
         return EX_DATAERR
     except StoreError as exc:
-        err.print(f"vantage: database error: {exc}", markup=False)
+        print(f"vantage: database error: {exc}", file=sys.stderr)
         return EX_IOERR

@@ -117,7 +117,7 @@ class Store:
         t = tables.vantage_points
         found = conn.execute(sa.select(t.c.id).where(t.c.fingerprint == fp)).scalar()
         if found is None:
-            found = conn.execute(
+            inserted = conn.execute(
                 t.insert().values(
                     fingerprint=fp,
                     probe_id=v.probe_id,
@@ -133,7 +133,9 @@ class Store:
                     platform=v.platform,
                     architecture=v.architecture,
                 )
-            ).inserted_primary_key[0]
+            ).inserted_primary_key
+            assert inserted is not None
+            found = inserted[0]
         self._vantage_ids[fp] = int(found)
         return int(found)
 

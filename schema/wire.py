@@ -11,6 +11,9 @@ address never leaves the machine.
 >>> from_wire(doc) == measurement
 True
 
+The round trip is exact except for a target's ``ca_file``: a local path (it may
+name the volunteer's home directory) that is deliberately not exported.
+
 ``schema/measurement.schema.json`` is the JSON Schema of what :func:`to_wire` emits.
 """
 

@@ -44,7 +44,7 @@ _ERRNO = {
     errno.ENETDOWN: "network_unreachable",
 }
 
-_RCODES = {
+_RCODES: dict[int, str] = {
     dns.rcode.NXDOMAIN: "dns_nxdomain_error",
     dns.rcode.SERVFAIL: "dns_servfail_error",
     dns.rcode.REFUSED: "dns_refused_error",

@@ -58,3 +58,30 @@ def test_bad_values_name_the_key(tmp_path: Path, text: str, env: dict, message: 
 def test_missing_explicit_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no such config file"):
         load_config(tmp_path / "nope.toml", env={})
+
+
+def test_example_config_documents_every_key(tmp_path: Path) -> None:
+    import dataclasses
+    import re
+
+    from probe.config import Config
+
+    root = Path(__file__).resolve().parents[2]
+    text = (root / "deploy" / "vantage.toml.example").read_text()
+    # Uncomment every "# key = value" line: the result must load and set every key.
+    lines = [re.sub(r"^# ([a-z_]+ = .*?)(\s+#.*)?$", r"\1", line) for line in text.splitlines()]
+    path = tmp_path / "full.toml"
+    path.write_text("\n".join(lines))
+    load_config(path, env={})
+    section, keys = "", set()
+    for line in lines:
+        if line.startswith("["):
+            section = line.strip("[]")
+        elif m := re.match(r"^([a-z_]+) =", line):
+            keys.add(f"{section}.{m.group(1)}")
+    expected = {
+        f"{f.name}.{g.name}"
+        for f in dataclasses.fields(Config)
+        for g in dataclasses.fields(getattr(Config(), f.name))
+    }
+    assert keys == expected

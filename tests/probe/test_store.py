@@ -113,8 +113,9 @@ def test_run_killed_midway_leaves_only_whole_measurements(tmp_path: Path, certs,
         _catalog(catalog, web.port, 400)
         db = tmp_path / "kill.db"
         proc = subprocess.Popen(
-            [sys.executable, "-m", "probe", "run", "--json", "--no-builtin", "--targets", str(catalog),
-             "--db", f"sqlite:///{db}", "--data-dir", str(tmp_path / "d"), "--no-system-resolver",
+            [sys.executable, "-m", "probe", "run", "--json", "--no-builtin",
+             "--targets", str(catalog), "--db", f"sqlite:///{db}",
+             "--data-dir", str(tmp_path / "d"), "--no-system-resolver",
              "--resolver", f"udp://127.0.0.1:{dns_server.port}", "--ca-bundle", ca_file,
              "--public-range", "127.0.0.0/8", "--concurrency", "8"],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=ROOT,

@@ -1,0 +1,114 @@
+"""The ``vantage`` command: run, targets, exit codes, output formats."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+
+from schema.wire import json_schema
+from tests.conftest import VALID, WRONG
+from tests.fixtures import DNSServer, WebServer
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def vantage(*args: str, env: dict | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "probe", *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120, env=env)  # fmt: skip
+
+
+def _catalog(path: Path, web: WebServer) -> Path:
+    path.write_text(f"""
+format = 1
+[service]
+name = "lab"
+[[target]]
+id = "home"
+kind = "http"
+url = "https://{VALID}:{web.port}/"
+[[target]]
+id = "intercepted"
+kind = "http"
+url = "https://{WRONG}:{web.port}/"
+[[target]]
+id = "gone"
+kind = "dns"
+host = "gone.test"
+""")
+    return path
+
+
+def _run_args(tmp_path: Path, dns: DNSServer, catalog: Path, ca_file: str) -> list[str]:
+    return ["run", "--no-builtin", "--targets", str(catalog), "--data-dir", str(tmp_path / "d"),
+            "--no-system-resolver", "--resolver", f"udp://127.0.0.1:{dns.port}",
+            "--ca-bundle", ca_file, "--public-range", "127.0.0.0/8"]  # fmt: skip
+
+
+def test_run_json_prints_the_wire_format(tmp_path: Path, web: WebServer, ca_file: str) -> None:
+    with DNSServer() as dns:
+        dns.set(VALID, a=["127.0.0.1"])
+        dns.set(WRONG, a=["127.0.0.1"])
+        proc = vantage(
+            *_run_args(tmp_path, dns, _catalog(tmp_path / "c.toml", web), ca_file), "--json"
+        )
+    assert proc.returncode == 0, proc.stderr
+    docs = {d["target"]["id"]: d for d in map(json.loads, proc.stdout.splitlines())}
+    assert set(docs) == {"home", "intercepted", "gone"}
+    validator = jsonschema.Draft202012Validator(json_schema())
+    for doc in docs.values():
+        validator.validate(doc)
+        assert doc["probe_ip"] == "127.0.0.1" and doc["probe_cc"] == "ZZ"
+    assert docs["home"]["test_keys"]["failure"] is None
+    assert docs["intercepted"]["test_keys"]["failure"] == "ssl_invalid_hostname"
+    assert docs["gone"]["test_keys"]["failure"] == "dns_nxdomain_error"
+    assert "3 of 3 targets measured (complete)" in proc.stderr
+    # The probe id is made once and kept.
+    probe_id = (tmp_path / "d" / "probe_id").read_text().strip()
+    assert {d["probe_id"] for d in docs.values()} == {probe_id}
+    assert (tmp_path / "d" / "vantage.db").exists()
+
+
+def test_run_plain_output_when_piped(tmp_path: Path, web: WebServer, ca_file: str) -> None:
+    with DNSServer() as dns:
+        dns.set(VALID, a=["127.0.0.1"])
+        dns.set(WRONG, a=["127.0.0.1"])
+        proc = vantage(*_run_args(tmp_path, dns, _catalog(tmp_path / "c.toml", web), ca_file))
+    assert proc.returncode == 0, proc.stderr
+    lines = [line.split("\t") for line in proc.stdout.splitlines()]
+    assert lines[0] == ["service", "target", "dns", "tcp", "tls", "http", "time"]
+    rows = {r[1]: r for r in lines[1:]}
+    assert rows["home"][2:6] == ["ok 2/2", "ok", "ok", "200"] or rows["home"][5] == "200"
+    assert rows["intercepted"][4] == "ssl_invalid_hostname"
+    assert rows["gone"][2].startswith("dns_nxdomain_error")
+
+
+def test_exit_codes_for_bad_input(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text(
+        'format = 1\n[service]\nname = "x"\n[[target]]\nid = "a"\nkind = "ftp"\nhost = "h"\n'
+    )
+    proc = vantage("targets", "--no-builtin", "--targets", str(bad))
+    assert proc.returncode == 65
+    assert f"{bad}: target[0].kind: 'ftp' is not one of" in proc.stderr
+    conf = tmp_path / "v.toml"
+    conf.write_text("[engine]\nconcurrency = -1\n")
+    proc = vantage("--config", str(conf), "run", "--no-builtin", "--targets", str(bad))
+    assert proc.returncode == 78 and "engine.concurrency" in proc.stderr
+    proc = vantage("run", "--no-builtin", "--targets", str(tmp_path / "none.toml"))
+    assert proc.returncode == 65 and "cannot read" in proc.stderr
+    proc = vantage("run", "--resolver", "dns.example:53", "--service", "controls",
+                   "--data-dir", str(tmp_path / "d"))  # fmt: skip
+    assert proc.returncode == 78 and "not an IP address" in proc.stderr
+
+
+def test_targets_and_version() -> None:
+    proc = vantage("targets", "--json", "--service", "whatsapp")
+    assert proc.returncode == 0
+    targets = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(targets) == 18 and targets[0]["host"] == "e1.whatsapp.net"
+    proc = vantage("--version")
+    assert proc.returncode == 0 and proc.stdout.startswith("vantage ")
