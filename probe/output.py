@@ -4,13 +4,14 @@ plain text when piped. Pure formatting of stored measurements; no measuring here
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import IO, Protocol
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from schema.model import Measurement
+from schema.model import DNSQuery, Measurement
 
 STEPS = ("dns", "tcp", "tls", "http")
 
@@ -32,6 +33,23 @@ def _step(observations: Sequence[_Step]) -> str:
     return f"{ok}/{len(observations)} ok; {', '.join(failures)}"
 
 
+@dataclass
+class _Outcome:
+    failure: str | None
+
+
+def _dns(queries: Sequence[DNSQuery]) -> list[_Outcome]:
+    """One outcome per resolver: fine when any of its query types found addresses
+    (a name with an A record and no AAAA is normal, not a partial failure)."""
+    by_resolver: dict[str, list[DNSQuery]] = {}
+    for q in queries:
+        by_resolver.setdefault(q.resolver_address, []).append(q)
+    return [
+        _Outcome(None if any(q.failure is None for q in qs) else qs[0].failure)
+        for qs in by_resolver.values()
+    ]
+
+
 def summarise(m: Measurement) -> dict[str, str]:
     """One row: each step's outcome and the measurement's runtime."""
     if m.requests:
@@ -44,7 +62,7 @@ def summarise(m: Measurement) -> dict[str, str]:
         "service": m.target.service,
         "target": m.target.id,
         "input": m.target.input,
-        "dns": _step(m.queries),
+        "dns": _step(_dns(m.queries)),
         "tcp": _step(m.tcp_connect),
         "tls": _step(m.tls_handshakes),
         "http": http,
