@@ -33,6 +33,7 @@ from probe.config import Config, ConfigError, load_config
 from probe.engine.context import EngineContext, Timeouts
 from probe.engine.dns import ResolverSpec, ResolverSpecError, system_resolvers
 from probe.engine.run import Run
+from probe.lab import cli as lab_cli
 from probe.output import print_plain, print_table
 from probe.store import BatchWriter, Store, StoreError
 from probe.vantage import vantage_point
@@ -109,6 +110,7 @@ def _parser() -> argparse.ArgumentParser:
 
     targets = sub.add_parser("targets", help="list the services and targets of the catalog")
     catalog_args(targets)
+    lab_cli.add_parser(sub)
     return p
 
 
@@ -256,6 +258,8 @@ def cmd_targets(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "lab":
+        return lab_cli.main(args)
     try:
         config_path = args.config or (
             Path(os.environ["VANTAGE_CONFIG"]) if "VANTAGE_CONFIG" in os.environ else None

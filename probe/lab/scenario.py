@@ -1,0 +1,333 @@
+"""Lab scenario files: what the censor does, and what the probe must then observe.
+
+A scenario is TOML a person can read (``probe/lab/scenarios/*.toml``; the format is
+documented key by key in ``probe/lab/SCENARIOS.md``). Parsing validates everything and
+fails with the file, the key and the reason (:class:`ScenarioError`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from probe.catalog import CatalogError, parse_catalog
+from schema.model import FAILURES, OPERATIONS, Target, is_failure_string
+
+RULE_ACTIONS: dict[str, tuple[str, ...]] = {
+    "dns": ("nxdomain", "servfail", "refused", "timeout", "empty", "answer"),
+    "dns-inject": ("answer",),
+    "tcp": ("drop", "reset"),
+    "tls": ("reset", "drop"),
+    "http": ("blockpage", "reset"),
+    "throttle": ("limit",),
+    "outage": ("drop",),
+}
+SITE_BEHAVIOURS = ("page", "redirect", "big", "challenge", "down")
+SITE_TLS = ("valid", "expired", "wrong-name", "unknown-ca", "none")
+STEPS = ("dns", "tcp", "tls", "http")
+SCENARIO_SERVICE = "scenario"
+
+
+class ScenarioError(ValueError):
+    """A scenario file is malformed; the message names file, key and reason."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    kind: str
+    action: str
+    match: tuple[str, ...] = ()
+    addresses: tuple[str, ...] = ()
+    ports: tuple[int, ...] = ()
+    keyword: str = ""
+    rate: int = 0
+    residual: int = 0
+
+
+@dataclass(frozen=True)
+class Site:
+    name: str
+    behaviour: str = "page"
+    tls: str = "valid"
+    redirects: int = 0
+    size: int = 0
+    exists: bool = True
+
+
+@dataclass(frozen=True)
+class Expectation:
+    service: str
+    step: str
+    failure: str  # a failure string, "none" (the step succeeded) or "absent" (not run)
+    target: str | None = None
+    operation: str | None = None
+    status: int | None = None
+    body_contains: str | None = None
+    answers: tuple[str, ...] = ()
+
+    def label(self) -> str:
+        return f"{self.service}/{self.target or '*'} {self.step}"
+
+
+@dataclass(frozen=True)
+class Path_:
+    delay_ms: float = 0.0
+    jitter_ms: float = 0.0
+    loss_pct: float = 0.0
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    description: str
+    origin: str
+    services: tuple[str, ...] | None  # built-in services to measure; None = all
+    path: Path_ = field(default_factory=Path_)
+    rules: tuple[Rule, ...] = ()
+    sites: tuple[Site, ...] = ()
+    targets: tuple[Target, ...] = ()
+    expectations: tuple[Expectation, ...] = ()
+    probe_config: dict[str, Any] = field(default_factory=dict)
+    concurrency: int | None = None
+
+
+class _T:
+    """A table of the scenario with typed, located access."""
+
+    def __init__(self, origin: str, table: Any, path: str, allowed: set[str]) -> None:
+        if not isinstance(table, dict):
+            raise ScenarioError(f"{origin}: {path}: expected a table")
+        self.origin, self.table, self.path = origin, table, path
+        for key in table:
+            if key not in allowed:
+                raise self.error(key, f"unknown key (allowed: {', '.join(sorted(allowed))})")
+
+    def error(self, key: str, reason: str) -> ScenarioError:
+        where = f"{self.path}.{key}" if self.path else key
+        return ScenarioError(f"{self.origin}: {where}: {reason}")
+
+    def get(
+        self, key: str, kind: type | tuple[type, ...], default: Any = None, required: bool = False
+    ) -> Any:
+        if key not in self.table:
+            if required:
+                raise self.error(key, "is required")
+            return default
+        value = self.table[key]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kind):
+            names = " or ".join(k.__name__ for k in kinds)
+            raise self.error(key, f"expected {names}, got {value!r}")
+        return value
+
+    def strings(self, key: str) -> tuple[str, ...]:
+        values = self.get(key, list, [])
+        if not all(isinstance(v, str) for v in values):
+            raise self.error(key, "expected a list of strings")
+        return tuple(values)
+
+    def choice(self, key: str, choices: tuple[str, ...], default: str | None = None) -> str:
+        value = self.get(key, str, default, required=default is None)
+        if value not in choices:
+            raise self.error(key, f"{value!r} is not one of {', '.join(choices)}")
+        return str(value)
+
+    def number(self, key: str, default: float, minimum: float = 0.0) -> float:
+        value = self.get(key, (int, float), default)
+        if value < minimum:
+            raise self.error(key, f"must be at least {minimum}, got {value}")
+        return float(value)
+
+
+def _rule(t: _T) -> Rule:
+    kind = t.choice("kind", tuple(RULE_ACTIONS))
+    actions = RULE_ACTIONS[kind]
+    action = t.choice("action", actions, default=actions[0] if len(actions) == 1 else None)
+    match = t.strings("match")
+    addresses = t.strings("addresses")
+    for i, a in enumerate(addresses):
+        try:
+            ipaddress.ip_address(a)
+        except ValueError:
+            raise t.error(f"addresses[{i}]", f"not an IP address: {a!r}") from None
+    ports = tuple(t.get("ports", list, []))
+    if not all(isinstance(p, int) and not isinstance(p, bool) and 0 < p < 65536 for p in ports):
+        raise t.error("ports", "expected a list of port numbers (1-65535)")
+    keyword = t.get("keyword", str, "")
+    if kind not in ("outage",) and not match and not (kind == "http" and keyword):
+        raise t.error("match", f"a {kind} rule needs names or addresses to match")
+    if action == "answer" and not addresses:
+        raise t.error("addresses", "an answer needs the addresses to answer with")
+    rate = int(t.number("rate", 0))
+    if kind == "throttle" and rate <= 0:
+        raise t.error("rate", "a throttle rule needs a rate in bytes per second")
+    residual = int(t.number("residual", 0))
+    if residual and kind not in ("tls", "http"):
+        raise t.error("residual", "only tls and http rules trigger residual blocking")
+    return Rule(kind, action, match, addresses, ports, keyword, rate, residual)
+
+
+def _site(t: _T) -> Site:
+    name = t.get("name", str, required=True).lower().rstrip(".")
+    return Site(
+        name=name,
+        behaviour=t.choice("behaviour", SITE_BEHAVIOURS, "page"),
+        tls=t.choice("tls", SITE_TLS, "valid"),
+        redirects=int(t.number("redirects", 0)),
+        size=int(t.number("size", 0)),
+        exists=bool(t.get("exists", bool, True)),
+    )
+
+
+def _expectation(t: _T) -> Expectation:
+    failure = t.get("failure", str, required=True)
+    if failure not in ("none", "absent") and not is_failure_string(failure):
+        raise t.error("failure", f"{failure!r} is not a failure string, 'none' or 'absent' "
+                      f"(failure strings: {', '.join(sorted(FAILURES))})")  # fmt: skip
+    operation = t.get("operation", str)
+    if operation is not None and operation not in OPERATIONS:
+        raise t.error("operation", f"{operation!r} is not one of {', '.join(sorted(OPERATIONS))}")
+    status = t.get("status", int)
+    return Expectation(
+        service=t.get("service", str, required=True),
+        target=t.get("target", str),
+        step=t.choice("step", STEPS),
+        failure=failure,
+        operation=operation,
+        status=status,
+        body_contains=t.get("body_contains", str),
+        answers=t.strings("answers"),
+    )
+
+
+_TOP = {"name", "description", "services", "path", "rule", "site", "target", "expect",
+        "probe", "concurrency"}  # fmt: skip
+
+
+def parse_scenario(text: str, origin: str) -> Scenario:
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ScenarioError(f"{origin}: not valid TOML: {exc}") from exc
+    top = _T(origin, doc, "", _TOP)
+    path = _T(origin, doc.get("path", {}), "path", {"delay_ms", "jitter_ms", "loss_pct"})
+    loss = path.number("loss_pct", 0.0)
+    if loss > 100:
+        raise path.error("loss_pct", "a percentage (0-100)")
+    services = top.strings("services") if "services" in doc else None
+
+    def tables(key: str, allowed: set[str]) -> list[_T]:
+        items = top.get(key, list, [])
+        return [_T(origin, item, f"{key}[{i}]", allowed) for i, item in enumerate(items)]
+
+    rules = tuple(_rule(t) for t in tables("rule", {"kind", "action", "match", "addresses", "ports",
+                                                    "keyword", "rate", "residual"}))  # fmt: skip
+    sites = tuple(
+        _site(t)
+        for t in tables("site", {"name", "behaviour", "tls", "redirects", "size", "exists"})
+    )
+    targets: tuple[Target, ...] = ()
+    if doc.get("target"):
+        catalog = {"format": 1, "service": {"name": SCENARIO_SERVICE}, "target": doc["target"]}
+        try:
+            targets = parse_catalog(_to_toml(catalog), origin).targets
+        except CatalogError as exc:
+            raise ScenarioError(str(exc)) from exc
+    expect_keys = {"service", "target", "step", "failure", "operation", "status",
+                   "body_contains", "answers"}  # fmt: skip
+    expectations = tuple(_expectation(t) for t in tables("expect", expect_keys))
+    if not expectations:
+        raise ScenarioError(f"{origin}: expect: a scenario needs at least one [[expect]]")
+    probe = top.get("probe", dict, {})
+    concurrency = top.get("concurrency", int)
+    scenario = Scenario(
+        name=top.get("name", str, required=True),
+        description=top.get("description", str, ""),
+        origin=origin,
+        services=services,
+        path=Path_(path.number("delay_ms", 0.0), path.number("jitter_ms", 0.0), loss),
+        rules=rules,
+        sites=sites,
+        targets=targets,
+        expectations=expectations,
+        probe_config=probe,
+        concurrency=concurrency,
+    )
+    _check_references(scenario)
+    return scenario
+
+
+def _check_references(s: Scenario) -> None:
+    from probe.catalog import builtin_services
+
+    known = {svc.name: {t.id for t in svc.targets} for svc in builtin_services()}
+    known[SCENARIO_SERVICE] = {t.id for t in s.targets}
+    measured = set(s.services) if s.services is not None else set(known) - {SCENARIO_SERVICE}
+    for name in s.services or ():
+        if name not in known or name == SCENARIO_SERVICE:
+            raise ScenarioError(f"{s.origin}: services: unknown built-in service {name!r}")
+    if s.targets:
+        measured.add(SCENARIO_SERVICE)
+    for i, e in enumerate(s.expectations):
+        if e.service not in measured:
+            raise ScenarioError(f"{s.origin}: expect[{i}].service: {e.service!r} is not measured "
+                                f"in this scenario ({', '.join(sorted(measured))})")  # fmt: skip
+        if e.target is not None and e.target not in known[e.service]:
+            raise ScenarioError(
+                f"{s.origin}: expect[{i}].target: {e.service} has no target {e.target!r}"
+            )
+
+
+def _to_toml(doc: dict[str, Any]) -> str:
+    """Just enough TOML writing for catalogs (strings, numbers, booleans, lists, tables)."""
+    import json
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, int | float):
+            return repr(v)
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, list | tuple):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{ " + ", ".join(f"{k} = {value(x)}" for k, x in v.items()) + " }"
+        if hasattr(v, "isoformat"):
+            return str(v.isoformat())
+        raise TypeError(f"cannot write {type(v).__name__} as TOML")
+
+    lines: list[str] = []
+    for key, v in doc.items():
+        if not isinstance(v, dict | list) or (
+            isinstance(v, list) and not any(isinstance(x, dict) for x in v)
+        ):
+            lines.append(f"{key} = {value(v)}")
+    for key, v in doc.items():
+        if isinstance(v, dict):
+            lines.append(f"\n[{key}]")
+            lines += [f"{k} = {value(x)}" for k, x in v.items()]
+        elif isinstance(v, list) and any(isinstance(x, dict) for x in v):
+            for item in v:
+                lines.append(f"\n[[{key}]]")
+                lines += [f"{k} = {value(x)}" for k, x in item.items()]
+    return "\n".join(lines) + "\n"
+
+
+def load_scenario(path: Path) -> Scenario:
+    try:
+        text = path.read_text("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ScenarioError(f"{path}: cannot read: {exc}") from exc
+    return parse_scenario(text, str(path))
+
+
+def shipped_scenarios() -> list[Path]:
+    """The scenarios that ship with Vantage, by file name."""
+    folder = resources.files("probe.lab").joinpath("scenarios")
+    names = sorted(e.name for e in folder.iterdir() if e.name.endswith(".toml"))
+    return [Path(str(folder)) / name for name in names]
