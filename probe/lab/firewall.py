@@ -46,6 +46,11 @@ def ruleset(rules: Iterable[Rule], resolve: dict[str, list[str]], everything: li
         ports = f" tcp dport {_set(map(str, rule.ports))}" if rule.ports else " meta l4proto tcp"
         verdict = "drop" if rule.action == "drop" else "reject with tcp reset"
         raw.append(f'iifname "lan" ip daddr {_set(addresses)}{ports} {verdict}')
+    redirect = (
+        [f'    iifname "lan" ip daddr {_set(watched)} meta l4proto tcp redirect to :{A.PROXY_PORT}']
+        if watched
+        else []
+    )
     lines = [
         f"table inet {TABLE} {{",
         "  set residual { type ipv4_addr . ipv4_addr . inet_service; flags timeout; }",
@@ -53,13 +58,7 @@ def ruleset(rules: Iterable[Rule], resolve: dict[str, list[str]], everything: li
         *(f"    {r}" for r in raw),
         "  }",
         "  chain nat { type nat hook prerouting priority dstnat; policy accept;",
-        *(
-            [
-                f'    iifname "lan" ip daddr {_set(watched)} meta l4proto tcp redirect to :{A.PROXY_PORT}'
-            ]
-            if watched
-            else []
-        ),
+        *redirect,
         "  }",
         "}",
     ]

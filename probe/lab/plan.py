@@ -18,6 +18,10 @@ from probe.lab.scenario import SCENARIO_SERVICE, Scenario, Site, _to_toml
 from schema.model import Service
 from schema.wire import target_to_wire
 
+#: Seconds the lab's DNS servers take to answer: a resolver's recursion time. It also
+#: lets an on-path injector's forged answer arrive first, as it does in the wild.
+LAB_DNS_DELAY = 0.15
+
 
 @dataclass
 class SitePlan:
@@ -210,7 +214,7 @@ def internet_config(
     return {
         "zone": {name: {"a": addrs, "aaaa": [], "ttl": 300} for name, addrs in plan.zone.items()},
         "dns_listen": [A.AUTHORITATIVE, A.PUBLIC_RESOLVER],
-        "dns_delay": 0.02,
+        "dns_delay": LAB_DNS_DELAY,
         "doh": {"address": A.PUBLIC_RESOLVER, "cert": str(doh_cert), "key": str(doh_key)},
         "blockpage": {"address": A.BLOCKPAGE},
         "probe_address": A.PROBE,

@@ -85,10 +85,12 @@ class ScenarioResult:
         return self.error is None and bool(self.results) and all(r.match for r in self.results)
 
 
-def _step(m: Measurement, step: str) -> tuple[str, str | None, Any]:
+def _step(m: Measurement, step: str, resolver: str | None = None) -> tuple[str, str | None, Any]:
     """(outcome, failed operation, the observations) of one step of a measurement."""
-    if step == "dns":
-        obs: list[Any] = [q for q in m.queries if q.system_resolver] or list(m.queries)
+    if step == "dns" and resolver is not None:
+        obs: list[Any] = [q for q in m.queries if q.resolver_address == resolver]
+    elif step == "dns":
+        obs = [q for q in m.queries if q.system_resolver] or list(m.queries)
     elif step == "tcp":
         obs = list(m.tcp_connect)
     elif step == "tls":
@@ -115,7 +117,7 @@ def evaluate(
                                              {"error": "not measured"}, False))  # fmt: skip
             continue
         for m in sorted(chosen, key=lambda x: x.target.id):
-            outcome, operation, obs = _step(m, e.step)
+            outcome, operation, obs = _step(m, e.step, e.resolver)
             observed: dict[str, Any] = {"failure": outcome}
             ok = outcome == e.failure
             if e.operation is not None:

@@ -68,6 +68,7 @@ class Expectation:
     status: int | None = None
     body_contains: str | None = None
     answers: tuple[str, ...] = ()
+    resolver: str | None = None  # dns: judge this resolver's queries ("IP:PORT" or a DoH URL)
 
     def label(self) -> str:
         return f"{self.service}/{self.target or '*'} {self.step}"
@@ -201,6 +202,7 @@ def _expectation(t: _T) -> Expectation:
         status=status,
         body_contains=t.get("body_contains", str),
         answers=t.strings("answers"),
+        resolver=t.get("resolver", str),
     )
 
 
@@ -238,7 +240,7 @@ def parse_scenario(text: str, origin: str) -> Scenario:
         except CatalogError as exc:
             raise ScenarioError(str(exc)) from exc
     expect_keys = {"service", "target", "step", "failure", "operation", "status",
-                   "body_contains", "answers"}  # fmt: skip
+                   "body_contains", "answers", "resolver"}  # fmt: skip
     expectations = tuple(_expectation(t) for t in tables("expect", expect_keys))
     if not expectations:
         raise ScenarioError(f"{origin}: expect: a scenario needs at least one [[expect]]")
