@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from probe.tomltable import TableReader
 from schema.model import TARGET_KINDS, Expectations, Service, Source, Target
 
 FORMAT_VERSION = 1
@@ -43,78 +44,11 @@ class CatalogError(ValueError):
         super().__init__(where + reason)
 
 
-class _Checker:
-    """Typed access to one TOML table, raising CatalogError with the key path."""
-
-    def __init__(self, origin: str, table: dict[str, Any], path: str, allowed: set[str]) -> None:
-        self.origin, self.table, self.path = origin, table, path
-        unknown = sorted(set(table) - allowed)
-        if unknown:
-            raise CatalogError(
-                origin, self.key(unknown[0]), f"unknown key (allowed: {', '.join(sorted(allowed))})"
-            )
-
-    def key(self, name: str) -> str:
-        return f"{self.path}.{name}" if self.path else name
-
-    def fail(self, name: str, reason: str) -> CatalogError:
-        return CatalogError(self.origin, self.key(name), reason)
-
-    def get(
-        self,
-        name: str,
-        kind: type | tuple[type, ...],
-        default: Any = None,
-        *,
-        required: bool = False,
-    ) -> Any:
-        if name not in self.table:
-            if required:
-                raise self.fail(name, "is required")
-            return default
-        value = self.table[name]
-        kinds = kind if isinstance(kind, tuple) else (kind,)
-        if isinstance(value, bool) and bool not in kinds:  # bool is an int subclass
-            raise self.fail(name, f"expected {_type_name(kind)}, got a boolean")
-        if not isinstance(value, kind):
-            raise self.fail(
-                name, f"expected {_type_name(kind)}, got {type(value).__name__} {value!r}"
-            )
-        return value
-
-    def text(self, name: str, *, required: bool = False, default: str | None = None) -> Any:
-        value = self.get(name, str, default, required=required)
-        if required and not value.strip():
-            raise self.fail(name, "must not be empty")
-        return value
-
-    def items(self, name: str, kind: type) -> list[Any]:
-        values = self.get(name, list, [])
-        for i, v in enumerate(values):
-            if isinstance(v, bool) or not isinstance(v, kind):
-                raise CatalogError(
-                    self.origin, f"{self.key(name)}[{i}]", f"expected {_type_name(kind)}, got {v!r}"
-                )
-        return values
-
-    def sub(self, name: str, allowed: set[str]) -> _Checker | None:
-        value = self.get(name, dict)
-        return None if value is None else _Checker(self.origin, value, self.key(name), allowed)
+def _reader(origin: str, table: Any, path: str, allowed: set[str]) -> TableReader:
+    return TableReader(table, path, allowed, lambda key, reason: CatalogError(origin, key, reason))
 
 
-def _type_name(kind: type | tuple[type, ...]) -> str:
-    names = {
-        str: "a string",
-        int: "an integer",
-        list: "a list",
-        dict: "a table",
-        bool: "true or false",
-    }
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    return " or ".join(names.get(k, k.__name__) for k in kinds)
-
-
-def _source(c: _Checker, name: str, inherited: Source | None) -> Source | None:
+def _source(c: TableReader, name: str, inherited: Source | None) -> Source | None:
     sub = c.sub(name, _SOURCE_KEYS)
     if sub is None:
         return inherited
@@ -130,14 +64,14 @@ def _source(c: _Checker, name: str, inherited: Source | None) -> Source | None:
     return Source(url=url, checked=checked)
 
 
-def _port(c: _Checker, i: int, value: int) -> int:
+def _port(c: TableReader, i: int, value: int) -> int:
     if not 0 < value < 65536:
-        raise CatalogError(c.origin, f"{c.key('ports')}[{i}]", f"{value} is not a port (1-65535)")
+        raise c.fail(f"ports[{i}]", f"{value} is not a port (1-65535)")
     return value
 
 
 def _target(
-    c: _Checker, service: str, inherited: Source | None, control: bool, base: Path | None
+    c: TableReader, service: str, inherited: Source | None, control: bool, base: Path | None
 ) -> Target:
     tid = c.text("id", required=True)
     kind = c.text("kind", required=True)
@@ -170,9 +104,7 @@ def _target(
         try:
             ipaddress.ip_address(a)
         except ValueError as exc:
-            raise CatalogError(
-                c.origin, f"{c.key('addresses')}[{i}]", f"not an IP address: {a!r}"
-            ) from exc
+            raise c.fail(f"addresses[{i}]", f"not an IP address: {a!r}") from exc
     method = c.text("method", default="GET").upper()
     if method not in _METHODS:
         raise c.fail("method", f"{method!r} is not one of {', '.join(sorted(_METHODS))}")
@@ -182,9 +114,7 @@ def _target(
         statuses = expect.items("status", int)
         for i, s in enumerate(statuses):
             if not 100 <= s <= 599:
-                raise CatalogError(
-                    c.origin, f"{expect.key('status')}[{i}]", f"{s} is not an HTTP status"
-                )
+                raise expect.fail(f"status[{i}]", f"{s} is not an HTTP status")
         expectations = Expectations(
             asns=tuple(expect.items("asns", int)),
             cert_names=tuple(expect.items("cert_names", str)),
@@ -222,7 +152,7 @@ def parse_catalog(text: str, origin: str, base: Path | None = None) -> Service:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise CatalogError(origin, "", f"not valid TOML: {exc}") from exc
-    top = _Checker(origin, doc, "", {"format", "service", "target"})
+    top = _reader(origin, doc, "", {"format", "service", "target"})
     fmt = top.get("format", int, required=True)
     if fmt != FORMAT_VERSION:
         raise top.fail("format", f"this Vantage reads catalog format {FORMAT_VERSION}, not {fmt}")
@@ -240,9 +170,7 @@ def parse_catalog(text: str, origin: str, base: Path | None = None) -> Service:
     for i, raw in enumerate(raw_targets):
         if not isinstance(raw, dict):
             raise CatalogError(origin, f"target[{i}]", "expected a table ([[target]])")
-        t = _target(
-            _Checker(origin, raw, f"target[{i}]", _TARGET_KEYS), name, source, control, base
-        )
+        t = _target(_reader(origin, raw, f"target[{i}]", _TARGET_KEYS), name, source, control, base)
         if t.id in seen:
             raise CatalogError(origin, f"target[{i}].id", f"duplicate target id {t.id!r}")
         seen.add(t.id)

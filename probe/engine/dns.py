@@ -21,7 +21,7 @@ import dns.rdatatype
 import dns.resolver
 import httpx
 
-from probe.engine.failures import classify, rcode_failure
+from probe.engine.failures import rcode_failure
 from probe.engine.trace import Trace
 from schema.model import DNSAnswer, DNSQuery
 
@@ -194,25 +194,17 @@ async def query(
     if record is not None:
         record.append(obs)
     wire = q.to_wire()
-    try:
-        async with asyncio.timeout(ctx.timeouts.dns):
-            if spec.engine == "udp":
-                raw = await _exchange_udp(wire, q.id, spec)
-            elif spec.engine == "tcp":
-                raw = await _exchange_tcp(wire, spec)
-            else:
-                if doh_client is None:
-                    raise RuntimeError("DoH resolver used without an HTTP client")
-                raw = await _exchange_doh(wire, spec, doh_client)
+    async with trace.step(obs, "resolve", ctx.timeouts.dns):
+        if spec.engine == "udp":
+            raw = await _exchange_udp(wire, q.id, spec)
+        elif spec.engine == "tcp":
+            raw = await _exchange_tcp(wire, spec)
+        else:
+            if doh_client is None:
+                raise RuntimeError("DoH resolver used without an HTTP client")
+            raw = await _exchange_doh(wire, spec, doh_client)
         obs.raw_response = raw
         _read_reply(obs, q, raw, ctx)
-    except asyncio.CancelledError:
-        obs.failure, obs.failed_operation = "interrupted", "resolve"
-        raise
-    except Exception as exc:  # noqa: BLE001 - every failure becomes data
-        obs.failure, obs.failed_operation = classify(exc), "resolve"
-    finally:
-        obs.t = trace.now()
     return obs
 
 

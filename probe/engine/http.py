@@ -10,14 +10,13 @@ first ``body_keep`` bytes are stored.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 from typing import TYPE_CHECKING, Any
 
 import httpcore
 import httpx
 
-from probe.engine.failures import classify, http_operation
+from probe.engine.failures import http_operation
 from probe.engine.trace import Trace
 from schema.model import HTTPTransaction
 
@@ -143,27 +142,23 @@ async def fetch(
             )
             hops.append(tx)
             response = None
+
+            def failed_operation(exc: BaseException, tx: HTTPTransaction = tx) -> str:
+                return http_operation(exc, "read" if tx.status else "http_round_trip")
+
             try:
-                async with asyncio.timeout(ctx.timeouts.http):
+                async with trace.step(tx, failed_operation, ctx.timeouts.http):
                     response = await client.send(request, stream=True)
                     tx.status = response.status_code
                     tx.response_headers = _decode_headers(response.headers.raw)
                     tx.address = _server_address(response) or tx.address
                     await _read_body(response, tx, ctx)
-            except asyncio.CancelledError:
-                tx.failure, tx.failed_operation = "interrupted", "http_round_trip"
-                raise
-            except Exception as exc:  # noqa: BLE001 - every failure becomes data
-                tx.failure = classify(exc)
-                tx.failed_operation = http_operation(
-                    exc, "read" if tx.status else "http_round_trip"
-                )
-                return hops
             finally:
-                tx.t = trace.now()
                 if response is not None:
                     await response.aclose()
-            location = response.headers.get("location") if response is not None else None
+            if tx.failure is not None or response is None:
+                return hops
+            location = response.headers.get("location")
             if tx.status not in _REDIRECTS or not location:
                 return hops
             if hop == ctx.max_redirects:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
-from probe.engine.failures import classify
 from probe.engine.trace import Trace
 from schema.model import TCPConnect
 
@@ -27,16 +26,8 @@ async def connect(
     if record is not None:
         record.append(obs)
     stream: Stream | None = None
-    try:
-        async with asyncio.timeout(ctx.timeouts.tcp):
-            stream = await asyncio.open_connection(ip, port)
-    except asyncio.CancelledError:
-        obs.failure, obs.failed_operation = "interrupted", "connect"
-        raise
-    except Exception as exc:  # noqa: BLE001 - every failure becomes data
-        obs.failure, obs.failed_operation = classify(exc), "connect"
-    finally:
-        obs.t = trace.now()
+    async with trace.step(obs, "connect", ctx.timeouts.tcp):
+        stream = await asyncio.open_connection(ip, port)
     return obs, stream
 
 

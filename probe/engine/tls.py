@@ -10,11 +10,9 @@ or ``--ca-bundle`` adds.
 from __future__ import annotations
 
 import _ssl
-import asyncio
 import ssl
 from typing import TYPE_CHECKING
 
-from probe.engine.failures import classify
 from probe.engine.tcp import Stream
 from probe.engine.trace import Trace
 from schema.model import TLSHandshake
@@ -87,18 +85,12 @@ async def handshake(
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
     obj = ctx.ssl_context("tls", extra_ca).wrap_bio(incoming, outgoing, server_hostname=server_name)
     try:
-        async with asyncio.timeout(ctx.timeouts.tls):
+        async with trace.step(obs, "tls_handshake", ctx.timeouts.tls):
             await _drive(obj, incoming, outgoing, stream)
-        obs.tls_version = obj.version()
-        cipher = obj.cipher()
-        obs.cipher_suite = cipher[0] if cipher else None
-        obs.negotiated_protocol = obj.selected_alpn_protocol()
-    except asyncio.CancelledError:
-        obs.failure, obs.failed_operation = "interrupted", "tls_handshake"
-        raise
-    except Exception as exc:  # noqa: BLE001 - every failure becomes data
-        obs.failure, obs.failed_operation = classify(exc), "tls_handshake"
-    finally:
+            obs.tls_version = obj.version()
+            cipher = obj.cipher()
+            obs.cipher_suite = cipher[0] if cipher else None
+            obs.negotiated_protocol = obj.selected_alpn_protocol()
+    finally:  # the chain is evidence whether or not it validated
         obs.peer_certificates = _peer_chain(obj)
-        obs.t = trace.now()
     return obs

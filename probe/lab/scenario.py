@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from probe.catalog import CatalogError, parse_catalog
+from probe.tomltable import TableReader
 from schema.model import FAILURES, OPERATIONS, Target, is_failure_string
 
 RULE_ACTIONS: dict[str, tuple[str, ...]] = {
@@ -96,55 +97,14 @@ class Scenario:
     concurrency: int | None = None
 
 
-class _T:
-    """A table of the scenario with typed, located access."""
-
-    def __init__(self, origin: str, table: Any, path: str, allowed: set[str]) -> None:
-        if not isinstance(table, dict):
-            raise ScenarioError(f"{origin}: {path}: expected a table")
-        self.origin, self.table, self.path = origin, table, path
-        for key in table:
-            if key not in allowed:
-                raise self.error(key, f"unknown key (allowed: {', '.join(sorted(allowed))})")
-
-    def error(self, key: str, reason: str) -> ScenarioError:
-        where = f"{self.path}.{key}" if self.path else key
-        return ScenarioError(f"{self.origin}: {where}: {reason}")
-
-    def get(
-        self, key: str, kind: type | tuple[type, ...], default: Any = None, required: bool = False
-    ) -> Any:
-        if key not in self.table:
-            if required:
-                raise self.error(key, "is required")
-            return default
-        value = self.table[key]
-        kinds = kind if isinstance(kind, tuple) else (kind,)
-        if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kind):
-            names = " or ".join(k.__name__ for k in kinds)
-            raise self.error(key, f"expected {names}, got {value!r}")
-        return value
-
-    def strings(self, key: str) -> tuple[str, ...]:
-        values = self.get(key, list, [])
-        if not all(isinstance(v, str) for v in values):
-            raise self.error(key, "expected a list of strings")
-        return tuple(values)
-
-    def choice(self, key: str, choices: tuple[str, ...], default: str | None = None) -> str:
-        value = self.get(key, str, default, required=default is None)
-        if value not in choices:
-            raise self.error(key, f"{value!r} is not one of {', '.join(choices)}")
-        return str(value)
-
-    def number(self, key: str, default: float, minimum: float = 0.0) -> float:
-        value = self.get(key, (int, float), default)
-        if value < minimum:
-            raise self.error(key, f"must be at least {minimum}, got {value}")
-        return float(value)
+def _T(origin: str, table: Any, path: str, allowed: set[str]) -> TableReader:
+    """A table of the scenario; errors read ``FILE: KEY: REASON``."""
+    return TableReader(
+        table, path, allowed, lambda key, why: ScenarioError(f"{origin}: {key}: {why}")
+    )
 
 
-def _rule(t: _T) -> Rule:
+def _rule(t: TableReader) -> Rule:
     kind = t.choice("kind", tuple(RULE_ACTIONS))
     actions = RULE_ACTIONS[kind]
     action = t.choice("action", actions, default=actions[0] if len(actions) == 1 else None)
@@ -154,25 +114,25 @@ def _rule(t: _T) -> Rule:
         try:
             ipaddress.ip_address(a)
         except ValueError:
-            raise t.error(f"addresses[{i}]", f"not an IP address: {a!r}") from None
+            raise t.fail(f"addresses[{i}]", f"not an IP address: {a!r}") from None
     ports = tuple(t.get("ports", list, []))
     if not all(isinstance(p, int) and not isinstance(p, bool) and 0 < p < 65536 for p in ports):
-        raise t.error("ports", "expected a list of port numbers (1-65535)")
+        raise t.fail("ports", "expected a list of port numbers (1-65535)")
     keyword = t.get("keyword", str, "")
     if kind not in ("outage",) and not match and not (kind == "http" and keyword):
-        raise t.error("match", f"a {kind} rule needs names or addresses to match")
+        raise t.fail("match", f"a {kind} rule needs names or addresses to match")
     if action == "answer" and not addresses:
-        raise t.error("addresses", "an answer needs the addresses to answer with")
+        raise t.fail("addresses", "an answer needs the addresses to answer with")
     rate = int(t.number("rate", 0))
     if kind == "throttle" and rate <= 0:
-        raise t.error("rate", "a throttle rule needs a rate in bytes per second")
+        raise t.fail("rate", "a throttle rule needs a rate in bytes per second")
     residual = int(t.number("residual", 0))
     if residual and kind not in ("tls", "http"):
-        raise t.error("residual", "only tls and http rules trigger residual blocking")
+        raise t.fail("residual", "only tls and http rules trigger residual blocking")
     return Rule(kind, action, match, addresses, ports, keyword, rate, residual)
 
 
-def _site(t: _T) -> Site:
+def _site(t: TableReader) -> Site:
     name = t.get("name", str, required=True).lower().rstrip(".")
     return Site(
         name=name,
@@ -184,14 +144,14 @@ def _site(t: _T) -> Site:
     )
 
 
-def _expectation(t: _T) -> Expectation:
+def _expectation(t: TableReader) -> Expectation:
     failure = t.get("failure", str, required=True)
     if failure not in ("none", "absent") and not is_failure_string(failure):
-        raise t.error("failure", f"{failure!r} is not a failure string, 'none' or 'absent' "
+        raise t.fail("failure", f"{failure!r} is not a failure string, 'none' or 'absent' "
                       f"(failure strings: {', '.join(sorted(FAILURES))})")  # fmt: skip
     operation = t.get("operation", str)
     if operation is not None and operation not in OPERATIONS:
-        raise t.error("operation", f"{operation!r} is not one of {', '.join(sorted(OPERATIONS))}")
+        raise t.fail("operation", f"{operation!r} is not one of {', '.join(sorted(OPERATIONS))}")
     status = t.get("status", int)
     return Expectation(
         service=t.get("service", str, required=True),
@@ -219,10 +179,10 @@ def parse_scenario(text: str, origin: str) -> Scenario:
     path = _T(origin, doc.get("path", {}), "path", {"delay_ms", "jitter_ms", "loss_pct"})
     loss = path.number("loss_pct", 0.0)
     if loss > 100:
-        raise path.error("loss_pct", "a percentage (0-100)")
+        raise path.fail("loss_pct", "a percentage (0-100)")
     services = top.strings("services") if "services" in doc else None
 
-    def tables(key: str, allowed: set[str]) -> list[_T]:
+    def tables(key: str, allowed: set[str]) -> list[TableReader]:
         items = top.get(key, list, [])
         return [_T(origin, item, f"{key}[{i}]", allowed) for i, item in enumerate(items)]
 

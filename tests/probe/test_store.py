@@ -106,6 +106,17 @@ def _catalog(path: Path, port: int, n: int) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def _run_args(
+    catalog: Path, db: Path, tmp: Path, dns_port: int, ca_file: str, concurrency: int
+) -> list[str]:
+    """`vantage run` against loopback fixtures, printing JSON lines."""
+    return [sys.executable, "-m", "probe", "run", "--json", "--no-builtin",
+            "--targets", str(catalog), "--db", f"sqlite:///{db}", "--data-dir", str(tmp / "d"),
+            "--no-system-resolver", "--resolver", f"udp://127.0.0.1:{dns_port}",
+            "--ca-bundle", ca_file, "--public-range", "127.0.0.0/8",
+            "--concurrency", str(concurrency)]  # fmt: skip
+
+
 def test_run_killed_midway_leaves_only_whole_measurements(tmp_path: Path, certs, ca_file) -> None:
     with DNSServer() as dns_server, WebServer(default_ssl=certs.valid(VALID)) as web:
         dns_server.set(VALID, a=["127.0.0.1"])
@@ -113,11 +124,7 @@ def test_run_killed_midway_leaves_only_whole_measurements(tmp_path: Path, certs,
         _catalog(catalog, web.port, 400)
         db = tmp_path / "kill.db"
         proc = subprocess.Popen(
-            [sys.executable, "-m", "probe", "run", "--json", "--no-builtin",
-             "--targets", str(catalog), "--db", f"sqlite:///{db}",
-             "--data-dir", str(tmp_path / "d"), "--no-system-resolver",
-             "--resolver", f"udp://127.0.0.1:{dns_server.port}", "--ca-bundle", ca_file,
-             "--public-range", "127.0.0.0/8", "--concurrency", "8"],
+            _run_args(catalog, db, tmp_path, dns_server.port, ca_file, concurrency=8),
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=ROOT,
         )  # fmt: skip
         assert proc.stdout is not None
@@ -148,11 +155,7 @@ def test_ctrl_c_stops_cleanly_and_keeps_what_finished(tmp_path: Path, certs, ca_
         _catalog(catalog, web.port, 200)
         db = tmp_path / "int.db"
         proc = subprocess.Popen(
-            [sys.executable, "-m", "probe", "run", "--json", "--no-builtin",
-             "--targets", str(catalog), "--db", f"sqlite:///{db}",
-             "--data-dir", str(tmp_path / "d"), "--no-system-resolver",
-             "--resolver", f"udp://127.0.0.1:{dns_server.port}", "--ca-bundle", ca_file,
-             "--public-range", "127.0.0.0/8", "--concurrency", "4"],
+            _run_args(catalog, db, tmp_path, dns_server.port, ca_file, concurrency=4),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
         )  # fmt: skip
         assert proc.stdout is not None

@@ -1,0 +1,103 @@
+"""Typed, located reading of TOML tables, shared by every file format Vantage reads
+(catalogs, lab scenarios): an unknown key, a wrong type or a bad value fails with
+the key's full path and the reason, through the caller's own exception type.
+
+>>> t = TableReader(doc, "target[0]", {"id", "ports"}, lambda key, why: ValueError(f"{key}: {why}"))
+>>> t.items("ports", int)
+[443]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+ErrorFactory = Callable[[str, str], Exception]
+
+_TYPE_NAMES = {
+    str: "a string",
+    int: "an integer",
+    float: "a number",
+    list: "a list",
+    dict: "a table",
+    bool: "true or false",
+}
+
+
+def type_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join(_TYPE_NAMES.get(k, k.__name__) for k in kinds)
+
+
+class TableReader:
+    """One table of a document; ``path`` is its key path (``target[2].expect``)."""
+
+    def __init__(self, table: Any, path: str, allowed: set[str], error: ErrorFactory) -> None:
+        self.path, self.error = path, error
+        if not isinstance(table, dict):
+            raise error(path, "expected a table")
+        self.table: dict[str, Any] = table
+        unknown = sorted(set(table) - allowed)
+        if unknown:
+            raise self.fail(unknown[0], f"unknown key (allowed: {', '.join(sorted(allowed))})")
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def fail(self, name: str, reason: str) -> Exception:
+        """The caller's exception for key ``name`` (``name`` may carry an index)."""
+        return self.error(self.key(name), reason)
+
+    def get(
+        self,
+        name: str,
+        kind: type | tuple[type, ...],
+        default: Any = None,
+        *,
+        required: bool = False,
+    ) -> Any:
+        if name not in self.table:
+            if required:
+                raise self.fail(name, "is required")
+            return default
+        value = self.table[name]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if isinstance(value, bool) and bool not in kinds:  # bool is an int subclass
+            raise self.fail(name, f"expected {type_name(kind)}, got a boolean")
+        if not isinstance(value, kind):
+            raise self.fail(
+                name, f"expected {type_name(kind)}, got {type(value).__name__} {value!r}"
+            )
+        return value
+
+    def text(self, name: str, *, required: bool = False, default: str | None = None) -> Any:
+        value = self.get(name, str, default, required=required)
+        if required and not value.strip():
+            raise self.fail(name, "must not be empty")
+        return value
+
+    def items(self, name: str, kind: type) -> list[Any]:
+        values = self.get(name, list, [])
+        for i, v in enumerate(values):
+            if isinstance(v, bool) or not isinstance(v, kind):
+                raise self.fail(f"{name}[{i}]", f"expected {type_name(kind)}, got {v!r}")
+        return values
+
+    def strings(self, name: str) -> tuple[str, ...]:
+        return tuple(self.items(name, str))
+
+    def choice(self, name: str, choices: tuple[str, ...], default: str | None = None) -> str:
+        value = self.get(name, str, default, required=default is None)
+        if value not in choices:
+            raise self.fail(name, f"{value!r} is not one of {', '.join(choices)}")
+        return str(value)
+
+    def number(self, name: str, default: float, minimum: float = 0.0) -> float:
+        value = self.get(name, (int, float), default)
+        if value < minimum:
+            raise self.fail(name, f"must be at least {minimum}, got {value}")
+        return float(value)
+
+    def sub(self, name: str, allowed: set[str]) -> TableReader | None:
+        value = self.get(name, dict)
+        return None if value is None else TableReader(value, self.key(name), allowed, self.error)
