@@ -74,3 +74,18 @@ def test_leftovers_of_a_crashed_lab_are_removed() -> None:
         "vl-dead00"
         not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     )
+
+
+def test_two_labs_at_once() -> None:
+    """Two labs side by side: separate namespaces, no clash, both torn down."""
+    cmd = [sys.executable, "-m", "probe", "lab", "run", "--json"]
+    procs = [subprocess.Popen([*cmd, name], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, cwd=ROOT)
+             for name in ("tls-sni-reset-signal", "dns-nxdomain-whatsapp")]  # fmt: skip
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err
+        assert json.loads(out.splitlines()[-1])["summary"]["ok"] is True
+    assert (
+        "vl-" not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    )
