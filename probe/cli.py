@@ -19,6 +19,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
@@ -28,15 +29,18 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from probe import __version__
+from probe.analysis import ServiceStatus, decide, service_status
 from probe.catalog import CatalogError, load_catalog, select
 from probe.config import Config, ConfigError, load_config
 from probe.engine.context import EngineContext, Timeouts
 from probe.engine.dns import ResolverSpec, ResolverSpecError, system_resolvers
 from probe.engine.run import Run
 from probe.lab import cli as lab_cli
-from probe.output import print_plain, print_table
+from probe.output import print_plain, print_services, print_table, services_plain
+from probe.privacy import local_addresses, scrub
 from probe.store import BatchWriter, Store, StoreError
 from probe.vantage import vantage_point
+from probe.verdicts import Analyser
 from schema import wire
 from schema.model import Measurement, Service
 
@@ -111,6 +115,10 @@ def _parser() -> argparse.ArgumentParser:
     targets = sub.add_parser("targets", help="list the services and targets of the catalog")
     catalog_args(targets)
     lab_cli.add_parser(sub)
+    # Commands from other installed parts of Vantage (the collector's `control`),
+    # found by name so the probe never imports them.
+    for entry in entry_points(group="vantage.commands"):
+        entry.load()(sub)
     return p
 
 
@@ -157,13 +165,19 @@ def _build_context(cfg: Config, args: argparse.Namespace) -> tuple[EngineContext
         system_cas=e.system_cas,
         public_ranges=tuple(ranges),
         max_addresses=e.max_addresses,
+        control_sni=e.control_sni or None,
     )
     system = next((r.address for r in resolvers if r.system), None)
     return ctx, system
 
 
 async def _measure(
-    run: Run, store: Store, suite: str, as_json: bool, progress: Progress | None
+    run: Run,
+    store: Store,
+    suite: str,
+    as_json: bool,
+    progress: Progress | None,
+    analyser: Analyser,
 ) -> list[Measurement]:
     done: list[Measurement] = []
     task = progress.add_task("measuring", total=len(run.targets)) if progress else None
@@ -177,13 +191,21 @@ async def _measure(
             progress.advance(task)
 
     writer = BatchWriter(store, stored)
+    own = frozenset(await asyncio.to_thread(local_addresses))  # once per run: never stored
+
+    async def finished(m: Measurement) -> None:
+        m = scrub(m, own)
+        await analyser.analyse(m)  # judged before it is written, written before it is shown
+        await writer.add(m)
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, run.stop, "interrupted")
+    run.on_stop(analyser.stop)
     started = run.ctx.now_utc()
     await asyncio.to_thread(store.begin_run, run.run_id, suite, run.vantage, started)
     try:
-        await run.execute(writer.add)
+        await run.execute(finished, analyser.start)
     finally:
         await writer.flush()
         await asyncio.to_thread(store.finish_run, run.run_id, run.status, run.ctx.now_utc())
@@ -192,10 +214,29 @@ async def _measure(
     return done
 
 
+def _services_and_events(
+    store: Store,
+    run: Run,
+    services: list[Service],
+    done: list[Measurement],
+    is_offline: bool | None,
+) -> list[ServiceStatus]:
+    """Each service's status in this run, stored; blocking events started or ended."""
+    statuses = [service_status(s.name, done, is_offline) for s in services if not s.control]
+    store.write_service_statuses(run.run_id, statuses)
+    for status in statuses:
+        history = store.service_history(run.vantage.probe_id, status.service)
+        is_open = store.open_event(run.vantage.probe_id, status.service) is not None
+        decision = decide(history, is_open) if not is_offline else decide([], is_open)
+        store.apply_decision(run.vantage, status.service, decision)
+    return statuses
+
+
 def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
     services = _services(args)
     ctx, system_resolver = _build_context(cfg, args)
-    targets = [t for s in services for t in s.targets]
+    # Control targets first: the other verdicts wait for them.
+    targets = sorted((t for s in services for t in s.targets), key=lambda t: not t.control)
     vantage = vantage_point(cfg, system_resolver)
     store = Store.open(cfg.db_url())
     err = Console(stderr=True)
@@ -207,20 +248,25 @@ def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
     if err.is_terminal:
         progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                             TimeElapsedColumn(), console=err, transient=True)  # fmt: skip
+    analyser = Analyser(targets, cfg.control.url, cfg.control.token, cfg.control.timeout)
     try:
         if progress is not None:
             with progress:
-                done = asyncio.run(_measure(run, store, suite, args.json, progress))
+                done = asyncio.run(_measure(run, store, suite, args.json, progress, analyser))
         else:
-            done = asyncio.run(_measure(run, store, suite, args.json, None))
+            done = asyncio.run(_measure(run, store, suite, args.json, None, analyser))
+        statuses = _services_and_events(store, run, services, done, analyser.offline)
     finally:
         store.close()
-    if not args.json:
-        out = Console()
-        if out.is_terminal:
-            print_table(done, out)
-        else:
-            print_plain(done, sys.stdout)
+    out = Console()
+    if not args.json and out.is_terminal:
+        print_table(done, out)
+        print_services(statuses, out)
+    elif not args.json:
+        print_plain(done, sys.stdout)
+        services_plain(statuses, sys.stdout)
+    else:
+        services_plain(statuses, sys.stderr)
     summary = (
         f"run {run.run_id}: {len(done)} of {len(targets)} targets measured ({run.status}), "
         f"stored in {_safe_url(cfg.db_url())}"
@@ -260,6 +306,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "lab":
         return lab_cli.main(args)
+    if hasattr(args, "handler"):
+        return int(args.handler(args))
     try:
         config_path = args.config or (
             Path(os.environ["VANTAGE_CONFIG"]) if "VANTAGE_CONFIG" in os.environ else None

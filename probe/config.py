@@ -12,6 +12,7 @@ documents every key.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -21,6 +22,8 @@ from typing import Any
 
 ENV_PREFIX = "VANTAGE_"
 DEFAULT_CONFIG_PATHS = (Path("/etc/vantage/vantage.toml"),)
+MAX_NUMBER = 1e12  # no count, size or duration in the configuration is larger
+MAX_CONCURRENCY = 1024
 
 
 class ConfigError(ValueError):
@@ -60,6 +63,14 @@ class EngineSection:
     ca_bundle: tuple[str, ...] = ()
     system_cas: bool = True
     public_ranges: tuple[str, ...] = ()  # reserved ranges to treat as public (lab, tests)
+    control_sni: str = "example.com"  # harmless name for the SNI A/B test; "" turns it off
+
+
+@dataclass(frozen=True)
+class ControlSection:
+    url: str = ""  # the control helper (vantage control serve); "" = none
+    token: str = ""  # its bearer token, if it requires one
+    timeout: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -68,6 +79,7 @@ class Config:
     vantage: VantageSection = field(default_factory=VantageSection)
     dns: DNSSection = field(default_factory=DNSSection)
     engine: EngineSection = field(default_factory=EngineSection)
+    control: ControlSection = field(default_factory=ControlSection)
 
     def data_dir(self) -> Path:
         if self.probe.data_dir:
@@ -84,6 +96,7 @@ _SECTIONS: dict[str, type] = {
     "vantage": VantageSection,
     "dns": DNSSection,
     "engine": EngineSection,
+    "control": ControlSection,
 }
 
 
@@ -104,12 +117,12 @@ def _coerce(key: str, value: Any, kind: Any, *, from_text: bool) -> Any:
         if kind == "int":
             if isinstance(value, bool) or not (from_text or isinstance(value, int)):
                 raise TypeError
-            return int(value)
+            return _bounded(key, int(value))
         if kind == "float":
             if isinstance(value, bool):
                 raise TypeError
             if isinstance(value, int | float) or from_text:
-                return float(value)
+                return _bounded(key, float(value))
             raise TypeError
         if kind == "str":
             if not isinstance(value, str):
@@ -121,9 +134,20 @@ def _coerce(key: str, value: Any, kind: Any, *, from_text: bool) -> Any:
             if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
                 raise TypeError
             return tuple(value)
+    except ConfigError:
+        raise
     except (TypeError, ValueError):
         raise ConfigError(f"{key}: expected {_KIND_TEXT[kind]}, got {value!r}") from None
     raise ConfigError(f"{key}: unsupported type {kind}")  # pragma: no cover - programming error
+
+
+def _bounded(key: str, value: float) -> Any:
+    """``value`` if it is finite and at most :data:`MAX_NUMBER` in size."""
+    if not math.isfinite(value):
+        raise ConfigError(f"{key}: must be a finite number, got {value}")
+    if abs(value) > MAX_NUMBER:
+        raise ConfigError(f"{key}: must be at most {MAX_NUMBER:g} in size, got {value:g}")
+    return value
 
 
 _KIND_TEXT = {
@@ -178,6 +202,10 @@ def load_config(
             doc = tomllib.loads(path.read_text("utf-8"))
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"{path}: cannot read config: {exc}") from exc
+        except RecursionError as exc:
+            raise ConfigError(
+                f"{path}: cannot read config: arrays or tables nested too deeply"
+            ) from exc
         for section, table in doc.items():
             if not isinstance(table, dict):
                 raise ConfigError(f"{path}: {section}: expected a [section] table")
@@ -205,9 +233,16 @@ def _validate(cfg: Config) -> None:
     e = cfg.engine
     if e.concurrency < 1:
         raise ConfigError(f"engine.concurrency: must be at least 1, got {e.concurrency}")
+    if e.concurrency > MAX_CONCURRENCY:
+        raise ConfigError(
+            f"engine.concurrency: must be at most {MAX_CONCURRENCY}, got {e.concurrency}"
+        )
     for name in ("run_deadline", "dns_timeout", "tcp_timeout", "tls_timeout", "http_timeout"):
-        if getattr(e, name) <= 0:
-            raise ConfigError(f"engine.{name}: must be positive, got {getattr(e, name)}")
+        value = getattr(e, name)
+        if not (math.isfinite(value) and value > 0):  # the defaults are checked here too
+            raise ConfigError(f"engine.{name}: must be positive, got {value}")
+    if not (math.isfinite(cfg.control.timeout) and cfg.control.timeout > 0):
+        raise ConfigError(f"control.timeout: must be positive, got {cfg.control.timeout}")
     if e.max_addresses < 1:
         raise ConfigError(f"engine.max_addresses: must be at least 1, got {e.max_addresses}")
     v = cfg.vantage
@@ -215,5 +250,7 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"vantage.cc: a two-letter upper-case country code, got {v.cc!r}")
     if v.asn < 0:
         raise ConfigError(f"vantage.asn: must not be negative, got {v.asn}")
+    if cfg.control.url and not cfg.control.url.startswith(("http://", "https://")):
+        raise ConfigError(f"control.url: an http:// or https:// URL, got {cfg.control.url!r}")
     if v.network_type not in ("", "wifi", "ethernet", "mobile"):
         raise ConfigError(f"vantage.network_type: wifi, ethernet or mobile, got {v.network_type!r}")

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from probe.analysis.service import ServiceStatus
 from schema.model import DNSQuery, Measurement
 
 STEPS = ("dns", "tcp", "tls", "http")
@@ -59,6 +60,7 @@ def summarise(m: Measurement) -> dict[str, str]:
     else:
         http = "-"
     return {
+        "verdict": verdict_text(m),
         "service": m.target.service,
         "target": m.target.id,
         "input": m.target.input,
@@ -68,6 +70,19 @@ def summarise(m: Measurement) -> dict[str, str]:
         "http": http,
         "time": f"{m.test_runtime:.2f}s",
     }
+
+
+def verdict_text(m: Measurement) -> str:
+    v = m.verdict
+    if v is None:
+        return "-"
+    if v.accessible:
+        return "ok"
+    if isinstance(v.blocking, str):
+        return f"blocked: {v.blocking} ({v.confidence})"
+    if v.blocking is False:
+        return "not blocked (server side)" if v.accessible is False else "not blocked"
+    return "unknown"
 
 
 def _style(cell: str) -> str:
@@ -88,19 +103,42 @@ def print_table(measurements: Sequence[Measurement], console: Console) -> None:
         by_service.setdefault(m.target.service, []).append(m)
     for service, items in by_service.items():
         table = Table(title=service, title_justify="left")
-        for col in ("target", "input", *STEPS, "time"):
+        for col in ("target", "input", *STEPS, "time", "verdict"):
             table.add_column(col, overflow="fold")
         for m in items:
             row = summarise(m)
             cells = [row[c] for c in ("target", "input", *STEPS, "time")]
-            table.add_row(*(escape(c) for c in cells[:2]), *map(_style, cells[2:6]), cells[6])
+            verdict = row["verdict"]
+            styled = (
+                f"[red]{escape(verdict)}[/red]"
+                if verdict.startswith("blocked")
+                else escape(verdict)
+            )
+            table.add_row(
+                *(escape(c) for c in cells[:2]), *map(_style, cells[2:6]), cells[6], styled
+            )
         console.print(table)
 
 
 def print_plain(measurements: Sequence[Measurement], out: IO[str]) -> None:
     """Tab-separated lines with a header (for pipes and logs)."""
-    cols = ("service", "target", *STEPS, "time")
+    cols = ("service", "target", *STEPS, "time", "verdict")
     out.write("\t".join(cols) + "\n")
     for m in _ordered(measurements):
         row = summarise(m)
         out.write("\t".join(row[c] for c in cols) + "\n")
+
+
+def print_services(statuses: Sequence[ServiceStatus], console: Console) -> None:
+    table = Table("service", "status", "why", title="services", title_justify="left")
+    colours = {"blocked": "red", "partial": "yellow", "ok": "green"}
+    for s in statuses:
+        colour = colours.get(s.status)
+        status = f"[{colour}]{s.status}[/{colour}]" if colour else s.status
+        table.add_row(s.service, status, escape(s.explanation))
+    console.print(table)
+
+
+def services_plain(statuses: Sequence[ServiceStatus], out: IO[str]) -> None:
+    for s in statuses:
+        out.write(f"service\t{s.service}\t{s.status}\t{s.explanation}\n")

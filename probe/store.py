@@ -14,6 +14,7 @@ True
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -30,6 +31,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
 import schema
+from probe.analysis.events import Decision, RunStatus
 from schema import tables, wire
 from schema.model import Measurement, VantagePoint
 
@@ -37,7 +39,23 @@ MIGRATIONS = Path(schema.__file__).parent / "migrations"
 
 
 class StoreError(RuntimeError):
-    """The database could not be opened, migrated or written."""
+    """The database could not be opened, migrated, read or written."""
+
+
+def _reason(exc: sa.exc.SQLAlchemyError) -> str:
+    """The driver's own message (``database is locked``), without SQL and parameters."""
+    orig = getattr(exc, "orig", None)
+    text = str(orig) if orig is not None else str(exc)
+    return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+
+
+@contextlib.contextmanager
+def _failing(operation: str) -> Iterator[None]:
+    """Turn a database error into a :class:`StoreError` naming ``operation``."""
+    try:
+        yield
+    except sa.exc.SQLAlchemyError as exc:
+        raise StoreError(f"cannot {operation}: {_reason(exc)}") from exc
 
 
 def _alembic_config() -> AlembicConfig:
@@ -50,13 +68,16 @@ def sqlite_url(path: Path) -> str:
     return f"sqlite:///{path}"
 
 
-def _on_sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
-    cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA synchronous=FULL")
-    cur.execute("PRAGMA foreign_keys=ON")
-    cur.execute("PRAGMA busy_timeout=10000")
-    cur.close()
+def _sqlite_on_connect(busy_timeout: float) -> Callable[[Any, Any], None]:
+    def on_connect(dbapi_conn: Any, _record: Any) -> None:
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=FULL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
+        cur.close()
+
+    return on_connect
 
 
 def vantage_fingerprint(v: VantagePoint) -> str:
@@ -75,8 +96,12 @@ class Store:
         self._vantage_ids: dict[str, int] = {}
 
     @classmethod
-    def open(cls, url: str) -> Store:
-        """Open (creating if needed) and migrate the database at ``url``."""
+    def open(cls, url: str, *, busy_timeout: float = 10.0) -> Store:
+        """Open (creating if needed) and migrate the database at ``url``.
+
+        ``busy_timeout``: how long SQLite waits for another writer's lock (seconds)
+        before a write fails with :class:`StoreError`.
+        """
         try:
             sa_url = sa.make_url(url)
         except sa.exc.ArgumentError as exc:
@@ -85,10 +110,10 @@ class Store:
             Path(sa_url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
         engine = sa.create_engine(sa_url)
         if engine.dialect.name == "sqlite":
-            sa.event.listen(engine, "connect", _on_sqlite_connect)
+            sa.event.listen(engine, "connect", _sqlite_on_connect(busy_timeout))
         store = cls(engine)
         try:
-            store.migrate()
+            store._migrate()
         except sa.exc.SQLAlchemyError as exc:
             engine.dispose()
             raise StoreError(f"cannot open database {sa_url.render_as_string()}: {exc}") from exc
@@ -96,6 +121,10 @@ class Store:
 
     def migrate(self) -> None:
         """Apply pending Alembic migrations (cheap when already at head)."""
+        with _failing("migrate the database"):
+            self._migrate()
+
+    def _migrate(self) -> None:
         cfg = _alembic_config()
         head = ScriptDirectory.from_config(cfg).get_current_head()
         with self.engine.begin() as conn:
@@ -110,10 +139,20 @@ class Store:
 
     # -- writing ---------------------------------------------------------------
 
-    def _vantage_point_id(self, conn: sa.Connection, v: VantagePoint) -> int:
+    @contextlib.contextmanager
+    def _transaction(self, operation: str) -> Iterator[tuple[sa.Connection, dict[str, int]]]:
+        """A write transaction and the vantage point ids it finds or inserts; those
+        join the cache only once it committed (a rolled-back insert has no id)."""
+        fresh: dict[str, int] = {}
+        with _failing(operation), self.engine.begin() as conn:
+            yield conn, fresh
+        self._vantage_ids.update(fresh)
+
+    def _vantage_point_id(self, conn: sa.Connection, v: VantagePoint, fresh: dict[str, int]) -> int:
         fp = vantage_fingerprint(v)
-        if fp in self._vantage_ids:
-            return self._vantage_ids[fp]
+        known = self._vantage_ids.get(fp, fresh.get(fp))
+        if known is not None:
+            return known
         t = tables.vantage_points
         found = conn.execute(sa.select(t.c.id).where(t.c.fingerprint == fp)).scalar()
         if found is None:
@@ -136,14 +175,14 @@ class Store:
             ).inserted_primary_key
             assert inserted is not None
             found = inserted[0]
-        self._vantage_ids[fp] = int(found)
+        fresh[fp] = int(found)
         return int(found)
 
     def begin_run(
         self, run_id: str, suite: str, vantage: VantagePoint, started: dt.datetime
     ) -> None:
-        with self.engine.begin() as conn:
-            vp = self._vantage_point_id(conn, vantage)
+        with self._transaction(f"begin run {run_id}") as (conn, fresh):
+            vp = self._vantage_point_id(conn, vantage, fresh)
             conn.execute(
                 tables.runs.insert().values(
                     run_id=run_id,
@@ -158,7 +197,7 @@ class Store:
     def finish_run(self, run_id: str, status: str, finished: dt.datetime) -> None:
         t, m = tables.runs, tables.measurements
         count = sa.select(sa.func.count()).where(m.c.run_id == run_id).scalar_subquery()
-        with self.engine.begin() as conn:
+        with _failing(f"finish run {run_id}"), self.engine.begin() as conn:
             conn.execute(
                 t.update()
                 .where(t.c.run_id == run_id)
@@ -171,7 +210,7 @@ class Store:
             return
         m_rows: list[dict[str, Any]] = []
         o_rows: list[dict[str, Any]] = []
-        with self.engine.begin() as conn:
+        with self._transaction(f"write {len(batch)} measurement(s)") as (conn, fresh):
             for m in batch:
                 doc = wire.to_wire(m)
                 keys = doc["test_keys"]
@@ -179,7 +218,7 @@ class Store:
                     {
                         "measurement_uid": m.measurement_uid,
                         "run_id": m.run_id,
-                        "vantage_point_id": self._vantage_point_id(conn, m.vantage),
+                        "vantage_point_id": self._vantage_point_id(conn, m.vantage, fresh),
                         "data_format_version": doc["data_format_version"],
                         "service": m.target.service,
                         "target_id": m.target.id,
@@ -191,6 +230,11 @@ class Store:
                         "observation_count": m.observation_count(),
                         "target": doc["target"],
                         "annotations": dict(m.annotations),
+                        "accessible": keys["accessible"],
+                        "blocking": None
+                        if keys["blocking"] is None
+                        else str(keys["blocking"]).lower(),
+                        "verdict": keys["analysis"],
                     }
                 )
                 o_rows.extend(_observation_rows(m.measurement_uid, keys))
@@ -234,9 +278,7 @@ class Store:
         for kind, data in obs:
             by_kind[kind].append(data)
         v = vantages[row.vantage_point_id]
-        start = row.start_time
-        if start.tzinfo is None:  # SQLite drops the zone; every time stored is UTC
-            start = start.replace(tzinfo=dt.UTC)
+        start = _utc(row.start_time)  # SQLite drops the zone; every time stored is UTC
         # Rebuild a wire document from the rows, then parse it: one code path.
         m = Measurement(
             measurement_uid=row.measurement_uid,
@@ -253,6 +295,9 @@ class Store:
             keys[key] = by_kind[kind]
         keys["requests"] = list(reversed(by_kind["http"]))
         keys["failure"] = row.failure
+        keys["accessible"] = row.accessible
+        keys["blocking"] = False if row.blocking == "false" else row.blocking
+        keys["analysis"] = row.verdict
         return doc
 
     def iter_documents(
@@ -264,21 +309,85 @@ class Store:
         if run_id is not None:
             query = query.where(t.c.run_id == run_id)
         vantages: dict[int, VantagePoint] = {}
-        with self.engine.connect() as conn:
+        with _failing("read measurements"), self.engine.connect() as conn:
             result = conn.execution_options(yield_per=chunk).execute(query)
             for row in result:
                 yield self._to_doc(conn, row, vantages)
 
     def load_measurement(self, measurement_uid: str) -> Measurement | None:
         t = tables.measurements
-        with self.engine.connect() as conn:
+        with _failing(f"read measurement {measurement_uid}"), self.engine.connect() as conn:
             row = conn.execute(sa.select(t).where(t.c.measurement_uid == measurement_uid)).first()
             if row is None:
                 return None
             return wire.from_wire(self._to_doc(conn, row, {}))
 
+    # -- service statuses and blocking events ---------------------------------------
+
+    def write_service_statuses(self, run_id: str, statuses: Sequence[Any]) -> None:
+        """Store each service's status in a run (``probe.analysis.ServiceStatus``)."""
+        rows = [{"run_id": run_id, "service": s.service, "status": s.status,
+                 "blocking": list(s.blocking), "blocked_targets": list(s.blocked_targets),
+                 "explanation": s.explanation} for s in statuses]  # fmt: skip
+        if rows:
+            with _failing(f"write service statuses of run {run_id}"), self.engine.begin() as conn:
+                conn.execute(tables.run_services.insert(), rows)
+
+    def service_history(self, probe_id: str, service: str, limit: int = 3) -> list[RunStatus]:
+        """The service's last statuses from this probe, oldest first."""
+        r, rs, vp = tables.runs, tables.run_services, tables.vantage_points
+        query = (
+            sa.select(r.c.run_id, r.c.started_at, rs.c.status, rs.c.blocking)
+            .join(rs, rs.c.run_id == r.c.run_id)
+            .join(vp, vp.c.id == r.c.vantage_point_id)
+            .where(vp.c.probe_id == probe_id, rs.c.service == service)
+            .order_by(r.c.started_at.desc())
+            .limit(limit)
+        )
+        with _failing(f"read the history of {service}"), self.engine.connect() as conn:
+            rows = conn.execute(query).all()
+        return [RunStatus(row.run_id, _utc(row.started_at), row.status, tuple(row.blocking))
+                for row in reversed(rows)]  # fmt: skip
+
+    def open_event(self, probe_id: str, service: str) -> int | None:
+        e = tables.events
+        with _failing(f"read the open event of {service}"), self.engine.connect() as conn:
+            return conn.execute(
+                sa.select(e.c.id).where(
+                    e.c.probe_id == probe_id, e.c.service == service, e.c.ended_at.is_(None)
+                )  # fmt: skip
+            ).scalar()
+
+    def apply_decision(self, vantage: VantagePoint, service: str, decision: Decision) -> None:
+        e = tables.events
+        with _failing(f"record the {service} event"), self.engine.begin() as conn:
+            if decision.action == "start":
+                conn.execute(e.insert().values(
+                    probe_id=vantage.probe_id, asn=vantage.asn, cc=vantage.cc, service=service,
+                    status=decision.status, blocking=list(decision.blocking),
+                    started_at=decision.at, runs=list(decision.runs)))  # fmt: skip
+            elif decision.action == "end":
+                open_id = conn.execute(
+                    sa.select(e.c.id, e.c.runs).where(
+                        e.c.probe_id == vantage.probe_id,
+                        e.c.service == service,
+                        e.c.ended_at.is_(None),
+                    )  # fmt: skip
+                ).first()
+                if open_id is not None:
+                    conn.execute(e.update().where(e.c.id == open_id.id).values(
+                        ended_at=decision.at, runs=[*open_id.runs, *decision.runs]))  # fmt: skip
+
+    def events(self, probe_id: str | None = None) -> list[dict[str, Any]]:
+        e = tables.events
+        query = sa.select(e).order_by(e.c.started_at)
+        if probe_id is not None:
+            query = query.where(e.c.probe_id == probe_id)
+        with _failing("read events"), self.engine.connect() as conn:
+            return [dict(row._mapping) for row in conn.execute(query)]
+
     def count(self, table: sa.Table = tables.measurements) -> int:
-        with self.engine.connect() as conn:
+        with _failing(f"count {table.name}"), self.engine.connect() as conn:
             return int(conn.execute(sa.select(sa.func.count()).select_from(table)).scalar() or 0)
 
 
@@ -315,6 +424,12 @@ class BatchWriter:
 
     ``on_stored`` is called (in the event loop) for each measurement only after its
     batch committed: a measurement is written before it is reported.
+
+    A batch that cannot be written is never dropped: it goes back to the front of the
+    pending measurements. A failure of the timed (background) flush is remembered and
+    raised, as :class:`StoreError`, by the next :meth:`add` or :meth:`flush`;
+    :meth:`flush` first tries to write everything again and raises only if that
+    still fails.
     """
 
     def __init__(
@@ -330,39 +445,114 @@ class BatchWriter:
         self.max_delay = max_delay
         self._pending: list[Measurement] = []
         self._flush_handle: asyncio.TimerHandle | None = None
+        self._flush_task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self._write_lock = threading.Lock()
+        # What the timed flush failed with, until add() or flush() raises it. A write
+        # error is superseded by a later write that succeeds; any other error is not.
+        self._error: BaseException | None = None
+        self._error_is_write = False
         self.written = 0
 
+    @property
+    def pending(self) -> int:
+        """Measurements not yet stored (including a batch that failed to write)."""
+        return len(self._pending)
+
     async def add(self, m: Measurement) -> None:
+        """Queue ``m``; raises the timed flush's failure, if any (``m`` stays queued)."""
         self._pending.append(m)
+        error, self._error = self._error, None
+        if error is not None:
+            self._schedule()
+            raise error
         if len(self._pending) >= self.batch_size:
             await self.flush()
-        elif self._flush_handle is None:
-            loop = asyncio.get_running_loop()
-            self._flush_handle = loop.call_later(
-                self.max_delay, lambda: asyncio.ensure_future(self.flush())
-            )
+        else:
+            self._schedule()
 
     async def flush(self) -> None:
+        """Write everything pending now; raises :class:`StoreError` if it cannot be
+        written (the measurements stay pending for a later flush)."""
+        await self._flush(background=False)
+
+    def _schedule(self) -> None:
+        if self._flush_handle is None and self._pending:
+            loop = asyncio.get_running_loop()
+            self._flush_handle = loop.call_later(self.max_delay, self._start_timed_flush)
+
+    def _start_timed_flush(self) -> None:
+        self._flush_handle = None
+        if self._flush_task is None or self._flush_task.done():
+            self._flush_task = asyncio.ensure_future(self._flush(background=True))
+        else:  # still writing: try again later rather than queue a second task
+            self._schedule()
+
+    async def _flush(self, *, background: bool) -> None:
         async with self._lock:
             if self._flush_handle is not None:
                 self._flush_handle.cancel()
                 self._flush_handle = None
+            earlier, earlier_is_write = self._error, self._error_is_write
+            if not background:
+                self._error = None  # raised below, or superseded by this write
             batch, self._pending = self._pending, []
-            if not batch:
+            try:
+                if batch:
+                    await self._write_batch(batch)
+            except Exception as exc:  # a database error is a StoreError already
+                if not background:
+                    raise
+                if self._error is None or self._error_is_write:
+                    self._error, self._error_is_write = exc, True
                 return
-            await asyncio.to_thread(self._write, batch)
-            self.written += len(batch)
-            if self.on_stored is not None:
-                for m in batch:
-                    result = self.on_stored(m)
-                    if result is not None:
-                        await result
+            if background and self._error_is_write:
+                self._error = None  # what failed earlier has now been written
+            try:
+                await self._report(batch)
+            except Exception as exc:
+                if not background:
+                    raise
+                if self._error is None:
+                    self._error, self._error_is_write = exc, False
+                return
+            if not background and earlier is not None and not earlier_is_write:
+                raise earlier
+
+    async def _write_batch(self, batch: list[Measurement]) -> None:
+        """Write ``batch`` in a worker thread; unless it committed, it goes back to the
+        front of the pending measurements."""
+        write = asyncio.ensure_future(asyncio.to_thread(self._write, batch))
+        try:
+            await asyncio.shield(write)
+        except asyncio.CancelledError:
+            # The thread cannot be stopped: its outcome decides whether the batch goes
+            # back (it must be neither lost nor written twice).
+            def settle(done: asyncio.Future[None]) -> None:
+                if done.cancelled() or done.exception() is not None:
+                    self._pending[:0] = batch
+
+            write.add_done_callback(settle)
+            raise
+        except BaseException:
+            self._pending[:0] = batch
+            raise
+        self.written += len(batch)
+
+    async def _report(self, batch: list[Measurement]) -> None:
+        if self.on_stored is not None:
+            for m in batch:
+                result = self.on_stored(m)
+                if result is not None:
+                    await result
 
     def _write(self, batch: list[Measurement]) -> None:
         with self._write_lock:
             self.store.write_measurements(batch)
+
+
+def _utc(value: dt.datetime) -> dt.datetime:
+    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
 
 
 def default_db_path() -> Path:

@@ -9,10 +9,13 @@ the key's full path and the reason, through the caller's own exception type.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 ErrorFactory = Callable[[str, str], Exception]
+
+MAX_NUMBER = 1e12  # no count, size, rate or duration Vantage reads is larger
 
 _TYPE_NAMES = {
     str: "a string",
@@ -92,10 +95,18 @@ class TableReader:
             raise self.fail(name, f"{value!r} is not one of {', '.join(choices)}")
         return str(value)
 
-    def number(self, name: str, default: float, minimum: float = 0.0) -> float:
+    def number(
+        self, name: str, default: float, minimum: float = 0.0, maximum: float = MAX_NUMBER
+    ) -> float:
+        """A finite number in ``minimum..maximum`` (nan, inf and absurd sizes fail here,
+        not as an OverflowError later)."""
         value = self.get(name, (int, float), default)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise self.fail(name, f"must be a finite number, got {value}")
         if value < minimum:
-            raise self.fail(name, f"must be at least {minimum}, got {value}")
+            raise self.fail(name, f"must be at least {minimum:g}, got {value}")
+        if value > maximum:
+            raise self.fail(name, f"must be at most {maximum:g}, got {value:g}")
         return float(value)
 
     def sub(self, name: str, allowed: set[str]) -> TableReader | None:

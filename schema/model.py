@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 TargetKind = Literal["dns", "tcp", "tls", "http"]
 TARGET_KINDS: tuple[str, ...] = ("dns", "tcp", "tls", "http")
@@ -42,6 +42,18 @@ FAILURES: frozenset[str] = frozenset(
     }
 )
 UNKNOWN_FAILURE_PREFIX = "unknown_failure: "
+
+#: How a measurement can be blocked (OONI's values, plus TLS and throttling).
+BLOCKING_KINDS: tuple[str, ...] = (
+    "dns",
+    "tcp_ip",
+    "tls",
+    "http-failure",
+    "http-diff",
+    "throttling",
+)
+CONFIDENCE: tuple[str, ...] = ("high", "medium", "low")
+SERVICE_STATUSES: tuple[str, ...] = ("ok", "blocked", "partial", "down", "inconclusive")
 
 #: The operation a failure happened in.
 OPERATIONS: frozenset[str] = frozenset(
@@ -197,6 +209,9 @@ class TLSHandshake:
     no_tls_verify: bool = False
     failure: str | None = None
     failed_operation: str | None = None
+    #: "target" (the measured name) or "control_sni" (the same address with a harmless
+    #: name, repeated after a failure: the SNI A/B test).
+    purpose: str = "target"
 
 
 @dataclass
@@ -219,6 +234,32 @@ class HTTPTransaction:
     failed_operation: str | None = None
 
 
+@dataclass(frozen=True)
+class Reason:
+    """One piece of a verdict: a machine-readable code, a line for people, and the
+    evidence it rests on (which answer, which control, which fingerprint)."""
+
+    code: str
+    detail: str
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Verdict:
+    """What analysis concluded about one measurement.
+
+    ``blocking`` is False (not blocked), one of ``BLOCKING_KINDS``, or None (cannot
+    be told); it MUST be False whenever ``accessible`` is True.
+    """
+
+    accessible: bool | None
+    blocking: str | bool | None
+    confidence: str  # one of CONFIDENCE
+    explanation: str
+    reasons: list[Reason] = field(default_factory=list)
+    controls: list[str] = field(default_factory=list)  # the controls the verdict used
+
+
 @dataclass
 class Measurement:
     """One target measured once from one vantage point."""
@@ -234,6 +275,7 @@ class Measurement:
     tls_handshakes: list[TLSHandshake] = field(default_factory=list)
     requests: list[HTTPTransaction] = field(default_factory=list)  # in request order
     annotations: dict[str, str] = field(default_factory=dict)
+    verdict: Verdict | None = None
 
     def observation_count(self) -> int:
         return (

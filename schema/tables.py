@@ -66,7 +66,42 @@ measurements = sa.Table(
     sa.Column("observation_count", sa.Integer, nullable=False),
     sa.Column("target", JSONType, nullable=False),
     sa.Column("annotations", JSONType, nullable=False),
+    # The verdict: accessible true/false/NULL; blocking "false", a kind, or NULL (cannot
+    # tell); verdict the whole analysis (NULL: not analysed).
+    sa.Column("accessible", sa.Boolean),
+    sa.Column("blocking", sa.String(16)),
+    sa.Column("verdict", JSONType),
     sa.Index("ix_measurements_service_time", "service", "start_time"),
+)
+
+#: Each service's status in each run: ok | blocked | partial | down | inconclusive.
+run_services = sa.Table(
+    "run_services",
+    metadata,
+    sa.Column("run_id", sa.String(36), sa.ForeignKey("runs.run_id"), primary_key=True),
+    sa.Column("service", sa.String(64), primary_key=True),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("blocking", JSONType, nullable=False),  # the kinds of blocking seen
+    sa.Column("blocked_targets", JSONType, nullable=False),
+    sa.Column("explanation", sa.Text, nullable=False),
+)
+
+#: Blocking events: a block declared when it repeats across runs while controls pass,
+#: ended when the service is reachable again.
+events = sa.Table(
+    "events",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("probe_id", sa.String(36), nullable=False),
+    sa.Column("asn", sa.Integer, nullable=False),
+    sa.Column("cc", sa.String(2), nullable=False),
+    sa.Column("service", sa.String(64), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),  # blocked | partial
+    sa.Column("blocking", JSONType, nullable=False),
+    sa.Column("started_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("ended_at", sa.DateTime(timezone=True)),
+    sa.Column("runs", JSONType, nullable=False),  # the run ids behind the start (and end)
+    sa.Index("ix_events_open", "probe_id", "service", "ended_at"),
 )
 
 observations = sa.Table(

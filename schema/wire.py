@@ -31,11 +31,13 @@ from schema.model import (
     Expectations,
     HTTPTransaction,
     Measurement,
+    Reason,
     Source,
     Target,
     TCPConnect,
     TLSHandshake,
     VantagePoint,
+    Verdict,
 )
 
 DATA_FORMAT_VERSION = "1.0.0"
@@ -71,10 +73,14 @@ def _b64(data: bytes) -> str:
 
 
 def _body_to_wire(body: bytes) -> str | Doc:
-    try:
-        return body.decode("utf-8")
-    except UnicodeDecodeError:
-        return {"format": "base64", "data": _b64(body)}
+    # A NUL byte is valid UTF-8, but PostgreSQL's JSONB rejects "\u0000" in strings:
+    # such a body travels base64-encoded like one that is not UTF-8.
+    if b"\x00" not in body:
+        try:
+            return body.decode("utf-8")
+        except UnicodeDecodeError:
+            pass
+    return {"format": "base64", "data": _b64(body)}
 
 
 def _body_from_wire(value: str | Doc) -> bytes:
@@ -214,6 +220,7 @@ def tls_to_wire(h: TLSHandshake) -> Doc:
         "negotiated_protocol": h.negotiated_protocol,
         "peer_certificates": [{"format": "base64", "data": _b64(c)} for c in h.peer_certificates],
         "no_tls_verify": h.no_tls_verify,
+        "purpose": h.purpose,
         "failure": h.failure,
         "failed_operation": h.failed_operation,
         "t0": h.t0,
@@ -231,6 +238,7 @@ def tls_from_wire(d: Doc) -> TLSHandshake:
         negotiated_protocol=d.get("negotiated_protocol"),
         peer_certificates=[base64.b64decode(c["data"]) for c in d.get("peer_certificates") or ()],
         no_tls_verify=bool(d.get("no_tls_verify", False)),
+        purpose=d.get("purpose", "target"),
         failure=d.get("failure"),
         failed_operation=d.get("failed_operation"),
         t0=d["t0"],
@@ -287,6 +295,36 @@ def http_from_wire(d: Doc) -> HTTPTransaction:
     return tx
 
 
+def verdict_to_wire(v: Verdict | None) -> Doc | None:
+    if v is None:
+        return None
+    return {
+        "confidence": v.confidence,
+        "explanation": v.explanation,
+        "reasons": [
+            {"code": r.code, "detail": r.detail, "evidence": r.evidence} for r in v.reasons
+        ],
+        "controls": list(v.controls),
+    }
+
+
+def verdict_from_wire(keys: Doc) -> Verdict | None:
+    analysis = keys.get("analysis")
+    if analysis is None:
+        return None
+    return Verdict(
+        accessible=keys.get("accessible"),
+        blocking=keys.get("blocking"),
+        confidence=analysis["confidence"],
+        explanation=analysis["explanation"],
+        reasons=[
+            Reason(r["code"], r["detail"], dict(r.get("evidence") or {}))
+            for r in analysis.get("reasons") or ()
+        ],  # fmt: skip
+        controls=list(analysis.get("controls") or ()),
+    )
+
+
 def vantage_from_wire(d: Doc) -> VantagePoint:
     ann = d.get("annotations") or {}
     return VantagePoint(
@@ -339,6 +377,9 @@ def to_wire(m: Measurement) -> Doc:
         "annotations": annotations,
         "test_keys": {
             "failure": m.failure(),
+            "accessible": m.verdict.accessible if m.verdict else None,
+            "blocking": m.verdict.blocking if m.verdict else None,
+            "analysis": verdict_to_wire(m.verdict),
             "queries": [query_to_wire(q) for q in m.queries],
             "tcp_connect": [tcp_to_wire(c) for c in m.tcp_connect],
             "tls_handshakes": [tls_to_wire(h) for h in m.tls_handshakes],
@@ -374,6 +415,7 @@ def from_wire(d: Doc) -> Measurement:
             tls_handshakes=[tls_from_wire(h) for h in keys.get("tls_handshakes") or ()],
             requests=[http_from_wire(r) for r in reversed(keys.get("requests") or ())],
             annotations=annotations,
+            verdict=verdict_from_wire(keys),
         )
     except KeyError as exc:
         raise WireError(f"missing field {exc.args[0]!r}") from exc

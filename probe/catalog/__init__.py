@@ -12,13 +12,19 @@ reason (``CatalogError``). See ``deploy/targets.example.toml`` for the format.
 from __future__ import annotations
 
 import datetime as dt
+import encodings.idna
 import ipaddress
+import re
+import ssl
 import tomllib
 from collections.abc import Iterable, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+
+import dns.exception
+import dns.name
 
 from probe.tomltable import TableReader
 from schema.model import TARGET_KINDS, Expectations, Service, Source, Target
@@ -64,6 +70,63 @@ def _source(c: TableReader, name: str, inherited: Source | None) -> Source | Non
     return Source(url=url, checked=checked)
 
 
+_LABEL = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _name_problem(name: str) -> str | None:
+    """Why ``name`` is not a DNS name a probe can resolve and send as SNI, or None."""
+    labels = name.removesuffix(".").split(".")
+    if not name or name == ".":
+        return "it is empty"
+    if not all(labels):
+        return "it has an empty label"
+    ascii_labels = []
+    for label in labels:
+        try:
+            ascii_labels.append(encodings.idna.ToASCII(label).decode("ascii"))
+        except UnicodeError as exc:
+            if "too long" in str(exc):
+                return "a label is longer than 63 characters"
+            return f"not IDNA-encodable ({exc})"
+    ascii_name = ".".join(ascii_labels)
+    if len(ascii_name) > 253:
+        return "it is longer than 253 characters"
+    for label in ascii_labels:
+        if not _LABEL.fullmatch(label):
+            return f"the label {label!r} holds characters other than letters, digits, - and _"
+    try:
+        dns.name.from_text(ascii_name)
+    except dns.exception.DNSException as exc:  # pragma: no cover - caught above
+        return str(exc)
+    return None
+
+
+def _check_name(c: TableReader, key: str, name: str, *, ip_ok: bool) -> None:
+    """``name`` must be a DNS name (or an IP address, when ``ip_ok``)."""
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        pass
+    else:
+        if ip_ok:
+            return
+        raise c.fail(key, f"must be a DNS name, not an IP address: {name!r}")
+    problem = _name_problem(name)
+    if problem is not None:
+        raise c.fail(key, f"not a valid DNS name, {problem}: {name!r}")
+
+
+def _check_ca_file(c: TableReader, path: Path) -> None:
+    """``path`` must hold at least one PEM certificate that OpenSSL loads."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # thrown away: only the load counts
+    try:
+        context.load_verify_locations(cafile=str(path))
+    except (ssl.SSLError, ValueError) as exc:
+        raise c.fail("ca_file", f"not a PEM certificate file: {path}") from exc
+    except OSError as exc:
+        raise c.fail("ca_file", f"cannot read {path}: {exc.strerror or exc}") from exc
+
+
 def _port(c: TableReader, i: int, value: int) -> int:
     if not 0 < value < 65536:
         raise c.fail(f"ports[{i}]", f"{value} is not a port (1-65535)")
@@ -89,11 +152,19 @@ def _target(
             parts.port  # noqa: B018 - raises on a bad port
         except ValueError as exc:
             raise c.fail("url", f"bad port in {url!r}") from exc
+        _check_name(c, "url", parts.hostname, ip_ok=True)
+        if host:
+            _check_name(c, "host", host, ip_ok=True)
         host = host or parts.hostname
     elif url:
         raise c.fail("url", f'only kind = "http" targets take a URL (this one is {kind!r})')
+    elif host:
+        _check_name(c, "host", host, ip_ok=True)
     if not host:
         raise c.fail("host", "is required")
+    sni = c.text("sni")
+    if sni:
+        _check_name(c, "sni", sni, ip_ok=False)
     ports = tuple(_port(c, i, p) for i, p in enumerate(c.items("ports", int)))
     if kind == "tcp" and not ports:
         raise c.fail("ports", "a tcp target needs at least one port")
@@ -127,6 +198,7 @@ def _target(
             path = base / path
         if not path.is_file():
             raise c.fail("ca_file", f"no such file: {path}")
+        _check_ca_file(c, path)
         ca_file = str(path)
     return Target(
         id=tid,
@@ -138,7 +210,7 @@ def _target(
         method=method,
         body=c.text("body"),
         addresses=tuple(addresses),
-        sni=c.text("sni"),
+        sni=sni,
         expect=expectations,
         source=_source(c, "source", inherited),
         control=bool(c.get("control", bool, control)),
@@ -152,6 +224,10 @@ def parse_catalog(text: str, origin: str, base: Path | None = None) -> Service:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise CatalogError(origin, "", f"not valid TOML: {exc}") from exc
+    except RecursionError as exc:
+        raise CatalogError(
+            origin, "", "not valid TOML: arrays or tables nested too deeply"
+        ) from exc
     top = _reader(origin, doc, "", {"format", "service", "target"})
     fmt = top.get("format", int, required=True)
     if fmt != FORMAT_VERSION:

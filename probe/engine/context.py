@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from probe.engine.dns import ResolverSpec
+from probe.engine.failures import SetupError
 from probe.engine.trace import Clock
 
 BROWSER_USER_AGENT = (
@@ -67,6 +68,8 @@ class EngineContext:
     public_ranges: tuple[IPNetwork, ...] = ()
     max_addresses: int = 8
     max_redirects: int = 10
+    #: A harmless name for the SNI A/B test (None: no A/B test).
+    control_sni: str | None = "example.com"
     body_keep: int = 64 * 1024
     body_read_limit: int = 8 * 1024 * 1024
     clock: Clock = time.monotonic
@@ -78,13 +81,25 @@ class EngineContext:
 
     def ssl_context(self, purpose: str, extra_ca: str | None = None) -> ssl.SSLContext:
         """A cached validating context; ``purpose`` is "tls" (the handshake step,
-        offering h2 and http/1.1 like a browser) or "http" (httpcore sets ALPN)."""
+        offering h2 and http/1.1 like a browser) or "http" (httpcore sets ALPN).
+
+        Raises :class:`~probe.engine.failures.SetupError` when a CA file cannot be
+        loaded; steps call this inside ``trace.step`` so that becomes a failure string.
+        """
         cas = self.ca_files + ((extra_ca,) if extra_ca else ())
         key = (purpose, cas)
         ctx = self._contexts.get(key)
         if ctx is None:
             alpn = ("h2", "http/1.1") if purpose == "tls" else ()
-            ctx = make_ssl_context(cas, system=self.system_cas, alpn=alpn)
+            try:
+                ctx = make_ssl_context(cas, system=self.system_cas, alpn=alpn)
+            except (ssl.SSLError, OSError, ValueError) as exc:
+                # A CA file that is missing or holds no certificate: the probe's input,
+                # not the network, so not a TLS failure (see failures.SetupError).
+                files = ", ".join(cas) or "the system store"
+                raise SetupError(
+                    f"cannot load CA certificates from {files}: {type(exc).__name__}: {exc}"
+                ) from exc
             self._contexts[key] = ctx
         return ctx
 

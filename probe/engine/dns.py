@@ -15,13 +15,17 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 from urllib.parse import urlsplit
 
+import dns.exception
 import dns.flags
 import dns.message
+import dns.rcode
 import dns.rdatatype
 import dns.resolver
+import dns.rrset
 import httpx
 
-from probe.engine.failures import rcode_failure
+from probe.engine.content import BodyDecoder
+from probe.engine.failures import SetupError, rcode_failure
 from probe.engine.trace import Trace
 from schema.model import DNSAnswer, DNSQuery
 
@@ -155,15 +159,34 @@ async def _exchange_tcp(wire: bytes, spec: ResolverSpec) -> bytes:
         writer.close()
 
 
+#: The largest DoH reply read (a DNS message is at most 65535 bytes).
+DOH_MAX_REPLY = 64 * 1024
+
+
 async def _exchange_doh(wire: bytes, spec: ResolverSpec, client: httpx.AsyncClient) -> bytes:
-    response = await client.post(
-        spec.address,
-        content=wire,
-        headers={"content-type": "application/dns-message", "accept": "application/dns-message"},
-    )
-    if response.status_code != 200:
-        raise dns.exception.DNSException(f"DoH server answered HTTP {response.status_code}")
-    return response.content
+    """POST the query; the reply is read raw and bounded (at most ``DOH_MAX_REPLY``
+    bytes read and decoded), so a hostile server cannot make the probe swallow more."""
+    headers = {
+        "content-type": "application/dns-message",
+        "accept": "application/dns-message",
+        "accept-encoding": "identity",
+    }
+    async with client.stream("POST", spec.address, content=wire, headers=headers) as response:
+        if response.status_code != 200:
+            raise dns.exception.DNSException(f"DoH server answered HTTP {response.status_code}")
+        decoder = BodyDecoder(response.headers.get("content-encoding"))
+        if decoder.note is not None:
+            raise dns.exception.DNSException(f"DoH reply: {decoder.note}")
+        body = bytearray()
+        read = 0
+        async for chunk in response.aiter_raw():
+            read += len(chunk)
+            body += decoder.decode(chunk, DOH_MAX_REPLY + 1 - len(body))
+            if read > DOH_MAX_REPLY or len(body) > DOH_MAX_REPLY:
+                raise dns.exception.DNSException(
+                    f"DoH reply larger than {DOH_MAX_REPLY} bytes: not a DNS message"
+                )
+    return bytes(body)
 
 
 async def query(
@@ -180,8 +203,6 @@ async def query(
     The observation is appended to ``record`` as soon as it starts, so a query cut
     short by cancellation is still kept (as ``interrupted``).
     """
-    q = dns.message.make_query(name, qtype)
-    q.flags |= dns.flags.RD
     obs = DNSQuery(
         hostname=name,
         query_type=qtype,
@@ -193,10 +214,14 @@ async def query(
     )
     if record is not None:
         record.append(obs)
-    wire = q.to_wire()
     async with trace.step(obs, "resolve", ctx.timeouts.dns):
+        q, wire = _make_query(name, qtype)
         if spec.engine == "udp":
             raw = await _exchange_udp(wire, q.id, spec)
+            if _truncated(raw):
+                # "Too big for UDP": ask the same resolver over TCP, as a stub resolver
+                # does. One observation (engine "udp"); the TCP reply is the evidence.
+                raw = await _exchange_tcp(wire, spec)
         elif spec.engine == "tcp":
             raw = await _exchange_tcp(wire, spec)
         else:
@@ -208,19 +233,64 @@ async def query(
     return obs
 
 
+def _make_query(name: str, qtype: str) -> tuple[dns.message.Message, bytes]:
+    """The query and its wire form; a name DNS cannot carry is a SetupError."""
+    try:
+        q = dns.message.make_query(name, qtype)
+        q.flags |= dns.flags.RD
+        return q, q.to_wire()
+    except (dns.exception.DNSException, UnicodeError, ValueError) as exc:
+        raise SetupError(
+            f"cannot make a DNS query for {name!r}: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def _truncated(raw: bytes) -> bool:
+    """The TC flag of a reply's header (byte 2, bit 0x02)."""
+    return len(raw) >= 4 and bool(raw[2] & 0x02)
+
+
+#: The longest CNAME chain followed from the queried name.
+MAX_CNAME_CHAIN = 8
+
+
 def _read_reply(obs: DNSQuery, q: dns.message.Message, raw: bytes, ctx: EngineContext) -> None:
+    """Keep the answers that answer the question: the CNAME chain that starts at the
+    queried name (at most ``MAX_CNAME_CHAIN`` links) and the records of the queried
+    type owned by a name on it. Other records are ignored (``raw_response`` keeps
+    them as evidence)."""
     reply = dns.message.from_wire(raw)  # malformed -> dns_server_misbehaving via classify
     if not q.is_response(reply):
         raise dns.exception.FormError("the reply does not answer the question that was asked")
     obs.rcode = dns.rcode.to_text(reply.rcode())
+    qtype = q.question[0].rdtype
+    chain = [q.question[0].name]
+    cnames: list[dns.rrset.RRset] = []
+    for _ in range(MAX_CNAME_CHAIN):
+        link = next(
+            (
+                rrset
+                for rrset in reply.answer
+                if rrset.rdtype == dns.rdatatype.CNAME and rrset.name == chain[-1]
+            ),
+            None,
+        )
+        if link is None or len(link) == 0:
+            break
+        cnames.append(link)
+        target = next(iter(link)).target
+        if target in chain:
+            break  # a CNAME loop
+        chain.append(target)
+    followed = {id(rrset) for rrset in cnames}
     for rrset in reply.answer:
-        rtype = dns.rdatatype.to_text(rrset.rdtype)
-        for rdata in rrset:
-            value = rdata.to_text()
-            if rtype in ("A", "AAAA", "CNAME"):
-                if rtype == "CNAME":
-                    value = value.rstrip(".")
-                obs.answers.append(DNSAnswer(rtype, value, rrset.ttl))
+        if id(rrset) in followed:
+            obs.answers.append(
+                DNSAnswer("CNAME", next(iter(rrset)).target.to_text().rstrip("."), rrset.ttl)
+            )
+        elif rrset.rdtype == qtype and rrset.name in chain:
+            rtype = dns.rdatatype.to_text(rrset.rdtype)
+            obs.answers.extend(DNSAnswer(rtype, rdata.to_text(), rrset.ttl) for rdata in rrset)
     failure = rcode_failure(reply.rcode())
     if failure is None and not any(a.answer_type == obs.query_type for a in obs.answers):
         failure = "dns_no_answer"

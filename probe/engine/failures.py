@@ -44,6 +44,13 @@ _ERRNO = {
     errno.ENETDOWN: "network_unreachable",
 }
 
+
+class SetupError(ValueError):
+    """A step could not be set up from what it was given (a CA file that holds no
+    certificate, a name DNS cannot carry, a server name TLS refuses): the probe's
+    input, not the network. Classified as ``unknown_failure: <message>``."""
+
+
 _RCODES: dict[int, str] = {
     dns.rcode.NXDOMAIN: "dns_nxdomain_error",
     dns.rcode.SERVFAIL: "dns_servfail_error",
@@ -114,6 +121,9 @@ def classify(exc: BaseException) -> str:
     """Map an exception (following ``raise ... from``) to a failure string."""
     if isinstance(exc, asyncio.CancelledError):
         return "interrupted"
+    setup = next((e for e in _chain(exc) if isinstance(e, SetupError)), None)
+    if setup is not None:  # not the network: never mapped to a network failure
+        return UNKNOWN_FAILURE_PREFIX + (str(setup) or type(setup).__name__)
     # The innermost cause is the most specific (httpx wraps OSError and ssl errors);
     # a timeout is raised from the CancelledError that implemented it, which is skipped.
     for implicit in (False, True):

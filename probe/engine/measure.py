@@ -44,10 +44,20 @@ def uses_tls(target: Target) -> bool:
     return target.kind == "http" and urlsplit(target.url or "").scheme == "https"
 
 
+#: Handshake failures that may be SNI filtering, which the A/B test can tell apart.
+_INTERFERENCE = {"connection_reset", "eof_error", "generic_timeout_error", "ssl_failed_handshake"}
+
+
 async def _endpoint(
     m: Measurement, ip: str, port: int, ctx: EngineContext, trace: Trace, want_tls: bool
 ) -> bool:
-    """Connect (and handshake); True when the endpoint got through every step."""
+    """Connect (and handshake); True when the endpoint got through every step.
+
+    When the handshake with the target's name is cut off, the same address is asked
+    again with a harmless name (``ctx.control_sni``): if that one gets an answer,
+    the name was filtered (the SNI A/B test); the second handshake is recorded with
+    ``purpose = "control_sni"``.
+    """
     conn, stream = await tcp.connect(ip, port, ctx, trace, m.tcp_connect)
     if stream is None:
         return False
@@ -57,7 +67,24 @@ async def _endpoint(
         hs = await tls.handshake(
             stream, ip, port, m.target.server_name, ctx, trace, m.target.ca_file, m.tls_handshakes
         )
-        return hs.failure is None
+    finally:
+        await tcp.close(stream)
+    if hs.failure in _INTERFERENCE and ctx.control_sni and ctx.control_sni != hs.server_name:
+        await _control_sni(m, ip, port, ctx, trace)
+    return hs.failure is None
+
+
+async def _control_sni(
+    m: Measurement, ip: str, port: int, ctx: EngineContext, trace: Trace
+) -> None:
+    assert ctx.control_sni is not None
+    _, stream = await tcp.connect(ip, port, ctx, trace)  # not a target connect: not recorded
+    if stream is None:
+        return
+    try:
+        control = await tls.handshake(stream, ip, port, ctx.control_sni, ctx, trace)
+        control.purpose = "control_sni"
+        m.tls_handshakes.append(control)
     finally:
         await tcp.close(stream)
 
@@ -86,7 +113,9 @@ async def _measure_steps(
     reachable = [ep for ep, ok in zip(endpoints, results, strict=True) if ok]
     if not reachable:
         return  # nothing got through: the TCP/TLS observations already say why
-    host = urlsplit(target.url).hostname or target.host
+    # Pinned by the name as httpx sends it (an IDN by its ASCII form), so the request
+    # goes to the measured address; an IP literal is pinned to itself by fetch.
+    host = http.url_host_key(target.url) or urlsplit(target.url).hostname or target.host
     pins = {} if is_ip(host) else {host: reachable[0][0]}
     await http.fetch(
         target.url,
@@ -97,6 +126,9 @@ async def _measure_steps(
         body=target.body,
         extra_ca=target.ca_file,
         record=m.requests,
+        queries=m.queries,
+        doh_client=doh_client,
+        annotations=m.annotations,
     )
 
 
@@ -109,8 +141,10 @@ async def measure(
 ) -> Measurement:
     """Measure ``target``. Cancelling the task returns what was measured so far.
 
-    A failed step is data (an observation with a failure string); this function
-    raises only when the probe itself cannot run.
+    A failed step is data (an observation with a failure string). Anything else a
+    step raises (a bug, or input the steps did not expect) is recorded as
+    ``annotations["error"]`` and the measurement is returned: one target never
+    stops a run.
     """
     trace = Trace(ctx.clock)
     m = Measurement(
@@ -126,6 +160,8 @@ async def measure(
         # Deliberately absorbed: the run cancels in-flight measurements to stop them
         # and wants what they measured; each step recorded "interrupted".
         m.annotations["interrupted"] = "true"
+    except Exception as exc:  # noqa: BLE001 - kept as data, the run goes on
+        m.annotations["error"] = f"{type(exc).__name__}: {exc}"
     finally:
         m.test_runtime = trace.now()
     return m

@@ -54,6 +54,11 @@ class Run:
         self.status = "complete"
         self._stopping = False
         self._in_flight: set[asyncio.Task[Measurement]] = set()
+        self._on_stop: list[Callable[[], None]] = []
+
+    def on_stop(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` when the run is stopped (signal or deadline)."""
+        self._on_stop.append(callback)
 
     def stop(self, reason: str = "interrupted") -> None:
         """Stop starting targets and cancel those in flight (idempotent)."""
@@ -63,12 +68,17 @@ class Run:
         self.status = reason
         for task in list(self._in_flight):
             task.cancel()
+        for callback in self._on_stop:
+            callback()
 
-    async def execute(self, on_measurement: Sink) -> RunOutcome:
+    async def execute(
+        self, on_measurement: Sink, on_start: Callable[[Target], None] | None = None
+    ) -> RunOutcome:
         queue: asyncio.Queue[Target] = asyncio.Queue()
         for target in self.targets:
             queue.put_nowait(target)
         measured = 0
+        unstarted = 0  # taken from the queue but cancelled before they began
         loop = asyncio.get_running_loop()
         timer = loop.call_later(self.deadline, self.stop, "deadline") if self.deadline else None
         needs_doh = any(r.engine == "doh" for r in self.ctx.resolvers)
@@ -79,12 +89,15 @@ class Run:
         )
 
         async def worker() -> None:
-            nonlocal measured
+            nonlocal measured, unstarted
+            me = asyncio.current_task()
             while not self._stopping:
                 try:
                     target = queue.get_nowait()
                 except asyncio.QueueEmpty:
                     return
+                if on_start is not None:
+                    on_start(target)
                 task = asyncio.create_task(
                     measure(target, self.vantage, self.run_id, self.ctx, doh_client)
                 )
@@ -92,10 +105,22 @@ class Run:
                 try:
                     m = await asyncio.shield(task)
                 except asyncio.CancelledError:
+                    if me is None or not me.cancelling():
+                        # Not this worker: the measurement was cancelled (stop, deadline)
+                        # before it began, so there is nothing measured to keep.
+                        if not task.cancelled():
+                            raise
+                        unstarted += 1
+                        continue
                     # The worker itself was cancelled: stop the measurement and keep it.
                     task.cancel()
-                    m = await task
                     self.stop()
+                    try:
+                        m = await task
+                    except asyncio.CancelledError:
+                        if task.cancelled():  # it had not begun: nothing to keep
+                            unstarted += 1
+                        raise
                 finally:
                     self._in_flight.discard(task)
                 measured += 1
@@ -109,4 +134,4 @@ class Run:
                 timer.cancel()
             if doh_client is not None:
                 await doh_client.aclose()
-        return RunOutcome(self.run_id, self.status, measured, queue.qsize())
+        return RunOutcome(self.run_id, self.status, measured, queue.qsize() + unstarted)

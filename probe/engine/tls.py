@@ -13,6 +13,7 @@ import _ssl
 import ssl
 from typing import TYPE_CHECKING
 
+from probe.engine.failures import SetupError
 from probe.engine.tcp import Stream
 from probe.engine.trace import Trace
 from schema.model import TLSHandshake
@@ -83,14 +84,33 @@ async def handshake(
     if record is not None:
         record.append(obs)
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    obj = ctx.ssl_context("tls", extra_ca).wrap_bio(incoming, outgoing, server_hostname=server_name)
+    obj: ssl.SSLObject | None = None
     try:
+        # The context and the SSL object are made inside the step: a CA file that
+        # does not load or a name TLS refuses is a failure of this step, not a crash.
         async with trace.step(obs, "tls_handshake", ctx.timeouts.tls):
+            obj = _wrap(ctx, extra_ca, server_name, incoming, outgoing)
             await _drive(obj, incoming, outgoing, stream)
             obs.tls_version = obj.version()
             cipher = obj.cipher()
             obs.cipher_suite = cipher[0] if cipher else None
             obs.negotiated_protocol = obj.selected_alpn_protocol()
     finally:  # the chain is evidence whether or not it validated
-        obs.peer_certificates = _peer_chain(obj)
+        obs.peer_certificates = _peer_chain(obj) if obj is not None else []
     return obs
+
+
+def _wrap(
+    ctx: EngineContext,
+    extra_ca: str | None,
+    server_name: str,
+    incoming: ssl.MemoryBIO,
+    outgoing: ssl.MemoryBIO,
+) -> ssl.SSLObject:
+    context = ctx.ssl_context("tls", extra_ca)  # raises SetupError itself
+    try:
+        return context.wrap_bio(incoming, outgoing, server_hostname=server_name)
+    except (UnicodeError, ValueError) as exc:  # e.g. ".example.com": an empty label
+        raise SetupError(
+            f"server name {server_name!r} cannot be sent: {type(exc).__name__}: {exc}"
+        ) from exc

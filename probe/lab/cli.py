@@ -72,9 +72,10 @@ def _report(s: Scenario, result: object, as_json: bool, console: Console) -> Non
         table.add_column(col, overflow="fold")
     for r in result.results:
         e = r.expectation
-        expected = e.failure + (f" ({e.operation})" if e.operation else "")
-        table.add_row(r.measurement, e.step, escape(expected), escape(json.dumps(r.observed)),
-                      "[green]yes[/green]" if r.match else "[red]NO[/red]")  # fmt: skip
+        expected = json.dumps(r.to_json(s.name)["expected"])
+        observed = escape(json.dumps(r.observed))
+        ok = "[green]yes[/green]" if r.match else "[red]NO[/red]"
+        table.add_row(r.measurement, e.step or "verdict", escape(expected), observed, ok)
     console.print(table)
     if result.error:
         console.print(f"[red]error:[/red] {escape(result.error)}")

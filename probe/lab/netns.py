@@ -5,7 +5,8 @@ no link to the machine's own interfaces: the only veth pairs join lab namespaces
 each other, so nothing inside can reach, or be reached from, the outside.
 
 A lab records itself in ``/run/vantage-lab/<id>.json`` (its namespaces and the pid
-that owns it); the next start removes labs whose owner is gone (crash leftovers).
+that owns it); the next start removes labs whose owner is gone (crash leftovers):
+it kills the processes still inside their namespaces, then deletes them.
 """
 
 from __future__ import annotations
@@ -13,14 +14,18 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from probe.lab import addresses as A
 
@@ -87,8 +92,44 @@ def _alive(pid: int) -> bool:
     return True
 
 
+#: The namespaces a lab makes (``Topology``): only these are ever removed as leftovers.
+LAB_NAMESPACE = re.compile(r"^vl-(?P<id>[0-9a-f]{6})-(?:probe|router|net)$")
+KILL_TIMEOUT = 5.0
+
+
+def namespace_pids(ns: str) -> list[int]:
+    """The processes living in namespace ``ns`` (empty if it does not exist)."""
+    out = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True,
+                         check=False).stdout  # fmt: skip
+    return [int(p) for p in out.split() if p.isdigit()]
+
+
+def remove_namespace(ns: str) -> None:
+    """SIGKILL every process in ``ns``, then delete it and its ``/etc/netns`` files.
+
+    ``ip netns del`` alone only drops the name: a process still inside (a lab agent,
+    which runs in its own session and so outlives its owner) keeps the namespace, its
+    addresses and its sockets alive. Processes are killed until none is left (one may
+    fork while the list is read), for at most ``KILL_TIMEOUT`` seconds.
+    """
+    deadline = time.monotonic() + KILL_TIMEOUT
+    while (pids := namespace_pids(ns)) and time.monotonic() < deadline:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.01)
+    subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
+    shutil.rmtree(NETNS_ETC / ns, ignore_errors=True)
+
+
 def cleanup_leftovers() -> list[str]:
-    """Remove labs whose owning process is gone. Returns the lab ids removed."""
+    """Remove labs whose owning process is gone: their processes, namespaces and state.
+
+    Returns what was removed: lab ids (from state files) and namespace names (ours,
+    ``vl-<6 hex>-probe|router|net``, with no state file at all). Nothing else is touched.
+    """
     removed = []
     if STATE_DIR.is_dir():
         for state in STATE_DIR.glob("*.json"):
@@ -96,23 +137,27 @@ def cleanup_leftovers() -> list[str]:
                 info = json.loads(state.read_text())
             except (OSError, ValueError):
                 info = {"pid": -1, "namespaces": []}
-            if info.get("pid", -1) > 0 and _alive(info["pid"]):
+            if not isinstance(info, dict):
+                info = {"pid": -1, "namespaces": []}
+            pid = info.get("pid", -1)
+            if isinstance(pid, int) and pid > 0 and _alive(pid):
                 continue
-            for ns in info.get("namespaces", []):
-                subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
-                shutil.rmtree(NETNS_ETC / ns, ignore_errors=True)
+            for ns in info.get("namespaces") or []:
+                if isinstance(ns, str) and LAB_NAMESPACE.match(ns):
+                    remove_namespace(ns)
             state.unlink(missing_ok=True)
             removed.append(state.stem)
-    # Namespaces of ours with no state file at all (state lost with a crash).
+    # Namespaces of ours with no state file at all (state lost with a crash). A lab
+    # writes its state file before it adds a namespace, so a live lab always has one.
     listed = subprocess.run(
         ["ip", "netns", "list"], capture_output=True, text=True, check=False
     ).stdout
     known = {p.stem for p in STATE_DIR.glob("*.json")} if STATE_DIR.is_dir() else set()
     for line in listed.splitlines():
         ns = line.split()[0] if line.split() else ""
-        if ns.startswith("vl-") and ns.split("-")[1] not in known:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
-            shutil.rmtree(NETNS_ETC / ns, ignore_errors=True)
+        match = LAB_NAMESPACE.match(ns)
+        if match and match["id"] not in known:
+            remove_namespace(ns)
             removed.append(ns)
     return removed
 
@@ -135,6 +180,7 @@ class Topology:
         self.namespaces = [self.probe, self.router, self.net]
         self.built = False
         self.link: subprocess.Popen[bytes] | None = None
+        self._link_log: IO[bytes] | None = None
 
     def _state(self) -> Path:
         return STATE_DIR / f"{self.id}.json"
@@ -183,11 +229,15 @@ class Topology:
                 "--probe-ns", self.probe, "--delay", str(path.delay_ms / 2000),
                 "--jitter", str(path.jitter_ms / 2000), "--loss", str(path.loss_pct / 200),
                 "--ready", str(ready)]  # fmt: skip
-        self.link = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # Its errors go to an unnamed file, not a pipe: nobody reads a pipe while the lab
+        # runs, and a full one would stall the link.
+        self._link_log = tempfile.TemporaryFile()
+        self.link = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=self._link_log)
         deadline = time.monotonic() + 10
         while not ready.exists():
             if self.link.poll() is not None or time.monotonic() > deadline:
-                err = self.link.stderr.read().decode(errors="replace") if self.link.stderr else ""
+                self._link_log.seek(0)
+                err = self._link_log.read().decode(errors="replace")
                 raise LabError(f"the lab's access link did not start: {err.strip()[-500:]}")
             time.sleep(0.02)
         ready.unlink(missing_ok=True)
@@ -198,14 +248,21 @@ class Topology:
 
     def teardown(self) -> None:
         for ns in self.namespaces:
-            pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True,
-                                  check=False).stdout.split()  # fmt: skip
-            for pid in pids:
-                try:
-                    os.kill(int(pid), 9)
-                except (ProcessLookupError, ValueError):
-                    pass
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
-            shutil.rmtree(NETNS_ETC / ns, ignore_errors=True)
+            remove_namespace(ns)
+        self._reap_link()
         self._state().unlink(missing_ok=True)
         self.built = False
+
+    def _reap_link(self) -> None:
+        """Wait for the userspace link (killed with the router's namespace) and close
+        its log; kill it directly if it somehow outlived its namespace."""
+        if self.link is not None:
+            try:
+                self.link.wait(timeout=KILL_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.link.kill()
+                self.link.wait()
+            self.link = None
+        if self._link_log is not None:
+            self._link_log.close()
+            self._link_log = None

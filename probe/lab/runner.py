@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from probe.analysis import offline, service_status
 from probe.lab import addresses as A
 from probe.lab import firewall
 from probe.lab.netns import (
@@ -48,6 +49,7 @@ from schema.wire import from_wire
 LAB_PROBE_DEFAULTS: dict[str, dict[str, Any]] = {
     "engine": {"tcp_timeout": 3, "tls_timeout": 3, "dns_timeout": 2, "http_timeout": 6,
                "run_deadline": 300, "system_cas": False},
+    "control": {"url": f"http://{A.CONTROL_HELPER}:{A.CONTROL_PORT}", "timeout": 15},
 }  # fmt: skip
 READY_TIMEOUT = 30.0
 
@@ -61,12 +63,22 @@ class ExpectationResult:
 
     def to_json(self, scenario: str) -> dict[str, Any]:
         e = self.expectation
-        expected: dict[str, Any] = {"step": e.step, "failure": e.failure}
-        for key in ("operation", "status", "body_contains"):
+        expected: dict[str, Any] = {}
+        for key in (
+            "step",
+            "failure",
+            "operation",
+            "status",
+            "body_contains",
+            "blocking",
+            "accessible",
+        ):
             if getattr(e, key) is not None:
                 expected[key] = getattr(e, key)
         if e.answers:
             expected["answers"] = list(e.answers)
+        if e.service_status:
+            expected["service_status"] = list(e.service_status)
         service, _, target = self.measurement.partition("/")
         return {"scenario": scenario, "service": service, "target": target,
                 "expected": expected, "observed": self.observed, "match": self.match}  # fmt: skip
@@ -104,12 +116,24 @@ def _step(m: Measurement, step: str, resolver: str | None = None) -> tuple[str, 
     return obs[0].failure, obs[0].failed_operation, obs
 
 
+def _verdict_text(value: object) -> str:
+    return "unknown" if value is None else str(value).lower()
+
+
 def evaluate(
     expectations: tuple[Expectation, ...], measurements: list[Measurement]
 ) -> list[ExpectationResult]:
-    """Compare what was measured with what the scenario expects (pure)."""
+    """Compare what was measured (and judged) with what the scenario expects (pure)."""
     results = []
+    is_offline = offline([m for m in measurements if m.target.control])
     for e in expectations:
+        if e.service_status:
+            status = service_status(e.service, measurements, is_offline)
+            observed: dict[str, Any] = {"service_status": status.status, "why": status.explanation}
+            results.append(ExpectationResult(e, f"{e.service}/*", observed,
+                                             status.status in e.service_status))  # fmt: skip
+            if e.step is None and e.blocking is None and e.accessible is None:
+                continue
         chosen = [m for m in measurements if m.target.service == e.service
                   and (e.target is None or m.target.id == e.target)]  # fmt: skip
         if not chosen:
@@ -117,25 +141,37 @@ def evaluate(
                                              {"error": "not measured"}, False))  # fmt: skip
             continue
         for m in sorted(chosen, key=lambda x: x.target.id):
-            outcome, operation, obs = _step(m, e.step, e.resolver)
-            observed: dict[str, Any] = {"failure": outcome}
-            ok = outcome == e.failure
-            if e.operation is not None:
-                observed["operation"] = operation
-                ok = ok and operation == e.operation
-            if e.step == "http" and (e.status is not None or e.body_contains is not None):
-                last = obs[0] if obs else None
-                observed["status"] = last.status if last else None
-                if e.status is not None:
-                    ok = ok and observed["status"] == e.status
-                if e.body_contains is not None:
-                    body = last.body.decode("utf-8", "replace") if last else ""
-                    observed["body_contains"] = e.body_contains in body
-                    ok = ok and observed["body_contains"]
-            if e.answers:
-                got = sorted({a for q in obs for a in q.addresses()}) if e.step == "dns" else []
-                observed["answers"] = got
-                ok = ok and set(e.answers) <= set(got)
+            observed, ok = {}, True
+            if e.step is not None:
+                outcome, operation, obs = _step(m, e.step, e.resolver)
+                observed["failure"] = outcome
+                ok = outcome == e.failure
+                if e.operation is not None:
+                    observed["operation"] = operation
+                    ok = ok and operation == e.operation
+                if e.step == "http" and (e.status is not None or e.body_contains is not None):
+                    last = obs[0] if obs else None
+                    observed["status"] = last.status if last else None
+                    if e.status is not None:
+                        ok = ok and observed["status"] == e.status
+                    if e.body_contains is not None:
+                        body = last.body.decode("utf-8", "replace") if last else ""
+                        observed["body_contains"] = e.body_contains in body
+                        ok = ok and observed["body_contains"]
+                if e.answers:
+                    got = sorted({a for q in obs for a in q.addresses()}) if e.step == "dns" else []
+                    observed["answers"] = got
+                    ok = ok and set(e.answers) <= set(got)
+            v = m.verdict
+            if e.blocking is not None:
+                observed["blocking"] = _verdict_text(v.blocking if v else None)
+                ok = ok and observed["blocking"] == e.blocking
+            if e.accessible is not None:
+                observed["accessible"] = _verdict_text(v.accessible if v else None)
+                ok = ok and observed["accessible"] == e.accessible
+            if (e.blocking is not None or e.accessible is not None) and v is not None:
+                observed["confidence"] = v.confidence
+                observed["why"] = v.explanation
             results.append(ExpectationResult(e, f"{m.target.service}/{m.target.id}", observed, ok))
     return results
 
@@ -196,9 +232,15 @@ def _start(
 ) -> subprocess.Popen[bytes]:
     cfg = workdir / f"{module.rsplit('.', 1)[-1]}.json"
     cfg.write_text(json.dumps(config))
-    log = open(workdir / f"{module.rsplit('.', 1)[-1]}.log", "wb")  # noqa: SIM115 - lives with the process
     args = ["ip", "netns", "exec", ns, sys.executable, "-m", module, str(cfg)]
-    return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return _spawn(args, workdir / f"{module.rsplit('.', 1)[-1]}.log")
+
+
+def _spawn(args: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+    """Start a lab agent in its own session, its output in ``log_path``. The child has
+    its own copy of the log's descriptor: ours is closed as soon as it has started."""
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def _wait_ready(
@@ -215,6 +257,37 @@ def _wait_ready(
         time.sleep(0.05)
     raise LabError(f"lab agents not ready after {READY_TIMEOUT:.0f}s: "
                    f"{[n for n, f in files.items() if not f.exists()]}")  # fmt: skip
+
+
+def _start_control_helper(topo: Topology, ca: Path, workdir: Path) -> subprocess.Popen[bytes]:
+    """The control helper on the uncensored side: it resolves with the authoritative
+    server and trusts the lab CA, so it sees each site as it really is."""
+    args = ["ip", "netns", "exec", topo.net, sys.executable, "-m", "probe", "control", "serve",
+            "--host", A.CONTROL_HELPER, "--port", str(A.CONTROL_PORT),
+            "--resolver", f"udp://{A.AUTHORITATIVE}", "--ca-bundle", str(ca), "--no-system-cas",
+            "--allow-range", str(A.LAB_RANGE)]  # fmt: skip
+    return _spawn(args, workdir / "control.log")
+
+
+def _wait_listening(
+    topo: Topology, proc: subprocess.Popen[bytes], host: str, port: int, workdir: Path
+) -> None:
+    probe = (
+        "import socket, sys, time\n"
+        f"end = time.monotonic() + {READY_TIMEOUT}\n"
+        "while time.monotonic() < end:\n"
+        "    try:\n"
+        f"        socket.create_connection(({host!r}, {port}), 0.5).close(); sys.exit(0)\n"
+        "    except OSError:\n"
+        "        time.sleep(0.05)\n"
+        "sys.exit(1)\n"
+    )
+    done = subprocess.run(
+        ["ip", "netns", "exec", topo.net, sys.executable, "-c", probe], check=False
+    )
+    if done.returncode != 0 or proc.poll() is not None:
+        log = (workdir / "control.log").read_text(errors="replace")[-2000:]
+        raise LabError(f"the control helper did not start:\n{log}")
 
 
 @contextmanager
@@ -247,19 +320,30 @@ def lab(s: Scenario, workdir: Path) -> Iterator[tuple[Topology, LabPlan, Path]]:
         procs["internet"] = _start(topo, topo.net, "probe.lab.internet", net_cfg, workdir)
         router_cfg = router_config(s, plan, ready["router"])
         procs["router"] = _start(topo, topo.router, "probe.lab.router", router_cfg, workdir)
+        procs["control"] = _start_control_helper(topo, ca, workdir)
         _wait_ready(procs, ready, workdir)
+        _wait_listening(topo, procs["control"], A.CONTROL_HELPER, A.CONTROL_PORT, workdir)
         yield topo, plan, ca
     finally:
         for proc in procs.values():
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
+                _signal_group(proc, signal.SIGTERM)
         for proc in procs.values():
             try:
                 proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+                _signal_group(proc, signal.SIGKILL)
+                proc.wait()  # reaped: no zombie left behind
         topo.teardown()
         signal.signal(signal.SIGTERM, previous)
+
+
+def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
+    """Signal an agent's whole session (it may have children); it may be gone already."""
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 def probe_command(topo: Topology, plan: LabPlan, s: Scenario, ca: Path, workdir: Path) -> list[str]:

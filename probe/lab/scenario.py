@@ -16,7 +16,14 @@ from typing import Any
 
 from probe.catalog import CatalogError, parse_catalog
 from probe.tomltable import TableReader
-from schema.model import FAILURES, OPERATIONS, Target, is_failure_string
+from schema.model import (
+    BLOCKING_KINDS,
+    FAILURES,
+    OPERATIONS,
+    SERVICE_STATUSES,
+    Target,
+    is_failure_string,
+)
 
 RULE_ACTIONS: dict[str, tuple[str, ...]] = {
     "dns": ("nxdomain", "servfail", "refused", "timeout", "empty", "answer"),
@@ -31,6 +38,7 @@ SITE_BEHAVIOURS = ("page", "redirect", "big", "challenge", "down")
 SITE_TLS = ("valid", "expired", "wrong-name", "unknown-ca", "none")
 STEPS = ("dns", "tcp", "tls", "http")
 SCENARIO_SERVICE = "scenario"
+MAX_CONCURRENCY = 1024
 
 
 class ScenarioError(ValueError):
@@ -62,17 +70,22 @@ class Site:
 @dataclass(frozen=True)
 class Expectation:
     service: str
-    step: str
-    failure: str  # a failure string, "none" (the step succeeded) or "absent" (not run)
+    step: str | None = None
+    failure: str | None = None  # a failure string, "none" (the step worked), "absent" (not run)
     target: str | None = None
     operation: str | None = None
     status: int | None = None
     body_contains: str | None = None
     answers: tuple[str, ...] = ()
     resolver: str | None = None  # dns: judge this resolver's queries ("IP:PORT" or a DoH URL)
+    # The verdict: blocking is a kind, "false" or "unknown"; accessible "true", "false"
+    # or "unknown"; service_status the statuses the service's run status may have.
+    blocking: str | None = None
+    accessible: str | None = None
+    service_status: tuple[str, ...] = ()
 
     def label(self) -> str:
-        return f"{self.service}/{self.target or '*'} {self.step}"
+        return f"{self.service}/{self.target or '*'} {self.step or 'verdict'}"
 
 
 @dataclass(frozen=True)
@@ -144,25 +157,53 @@ def _site(t: TableReader) -> Site:
     )
 
 
+def _tristate(t: TableReader, key: str, allowed: tuple[str, ...]) -> str | None:
+    """A verdict value: a TOML boolean, or one of ``allowed`` strings."""
+    value = t.get(key, (bool, str))
+    if value is None:
+        return None
+    text = str(value).lower() if isinstance(value, bool) else value
+    if text not in allowed:
+        raise t.fail(key, f"{value!r} is not one of {', '.join(allowed)}")
+    return text
+
+
 def _expectation(t: TableReader) -> Expectation:
-    failure = t.get("failure", str, required=True)
-    if failure not in ("none", "absent") and not is_failure_string(failure):
+    failure = t.get("failure", str)
+    if failure is not None and failure not in ("none", "absent") and not is_failure_string(failure):
         raise t.fail("failure", f"{failure!r} is not a failure string, 'none' or 'absent' "
                       f"(failure strings: {', '.join(sorted(FAILURES))})")  # fmt: skip
     operation = t.get("operation", str)
     if operation is not None and operation not in OPERATIONS:
         raise t.fail("operation", f"{operation!r} is not one of {', '.join(sorted(OPERATIONS))}")
-    status = t.get("status", int)
+    step = t.choice("step", STEPS) if "step" in t.table else None
+    if (failure is None) != (step is None):
+        raise t.fail("step" if step is None else "failure", "step and failure go together")
+    blocking = _tristate(t, "blocking", ("false", "unknown", *BLOCKING_KINDS))
+    accessible = _tristate(t, "accessible", ("true", "false", "unknown"))
+    statuses = t.get("service_status", (str, list), None)
+    statuses = (statuses,) if isinstance(statuses, str) else tuple(t.strings("service_status"))
+    for i, st in enumerate(statuses):
+        if st not in SERVICE_STATUSES:
+            raise t.fail(
+                f"service_status[{i}]", f"{st!r} is not one of {', '.join(SERVICE_STATUSES)}"
+            )
+    if failure is None and blocking is None and accessible is None and not statuses:
+        raise t.fail("failure", "an expectation needs a step and failure, a verdict "
+                     "(blocking, accessible) or a service_status")  # fmt: skip
     return Expectation(
         service=t.get("service", str, required=True),
         target=t.get("target", str),
-        step=t.choice("step", STEPS),
+        step=step,
         failure=failure,
         operation=operation,
-        status=status,
+        status=t.get("status", int),
         body_contains=t.get("body_contains", str),
         answers=t.strings("answers"),
         resolver=t.get("resolver", str),
+        blocking=blocking,
+        accessible=accessible,
+        service_status=statuses,
     )
 
 
@@ -175,6 +216,10 @@ def parse_scenario(text: str, origin: str) -> Scenario:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ScenarioError(f"{origin}: not valid TOML: {exc}") from exc
+    except RecursionError as exc:
+        raise ScenarioError(
+            f"{origin}: not valid TOML: arrays or tables nested too deeply"
+        ) from exc
     top = _T(origin, doc, "", _TOP)
     path = _T(origin, doc.get("path", {}), "path", {"delay_ms", "jitter_ms", "loss_pct"})
     loss = path.number("loss_pct", 0.0)
@@ -199,13 +244,15 @@ def parse_scenario(text: str, origin: str) -> Scenario:
             targets = parse_catalog(_to_toml(catalog), origin).targets
         except CatalogError as exc:
             raise ScenarioError(str(exc)) from exc
-    expect_keys = {"service", "target", "step", "failure", "operation", "status",
-                   "body_contains", "answers", "resolver"}  # fmt: skip
+    expect_keys = {"service", "target", "step", "failure", "operation", "status", "body_contains",
+                   "answers", "resolver", "blocking", "accessible", "service_status"}  # fmt: skip
     expectations = tuple(_expectation(t) for t in tables("expect", expect_keys))
     if not expectations:
         raise ScenarioError(f"{origin}: expect: a scenario needs at least one [[expect]]")
     probe = top.get("probe", dict, {})
     concurrency = top.get("concurrency", int)
+    if concurrency is not None and not 1 <= concurrency <= MAX_CONCURRENCY:
+        raise top.fail("concurrency", f"must be 1-{MAX_CONCURRENCY}, got {concurrency}")
     scenario = Scenario(
         name=top.get("name", str, required=True),
         description=top.get("description", str, ""),

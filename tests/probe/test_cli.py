@@ -9,6 +9,7 @@ from pathlib import Path
 
 import jsonschema
 
+from probe.privacy import local_addresses
 from schema.wire import json_schema
 from tests.conftest import VALID, WRONG
 from tests.fixtures import DNSServer, WebServer
@@ -61,7 +62,10 @@ def test_run_json_prints_the_wire_format(tmp_path: Path, web: WebServer, ca_file
     validator = jsonschema.Draft202012Validator(json_schema())
     for doc in docs.values():
         validator.validate(doc)
-        assert doc["probe_ip"] == "127.0.0.1" and doc["probe_cc"] == "ZZ"
+        assert doc["probe_cc"] == "ZZ"
+    # The probe's own addresses appear nowhere (probe_ip is a placeholder).
+    own = local_addresses()
+    assert not [a for a in own for line in proc.stdout.splitlines() if a in line]
     assert docs["home"]["test_keys"]["failure"] is None
     assert docs["intercepted"]["test_keys"]["failure"] == "ssl_invalid_hostname"
     assert docs["gone"]["test_keys"]["failure"] == "dns_nxdomain_error"
@@ -79,11 +83,16 @@ def test_run_plain_output_when_piped(tmp_path: Path, web: WebServer, ca_file: st
         proc = vantage(*_run_args(tmp_path, dns, _catalog(tmp_path / "c.toml", web), ca_file))
     assert proc.returncode == 0, proc.stderr
     lines = [line.split("\t") for line in proc.stdout.splitlines()]
-    assert lines[0] == ["service", "target", "dns", "tcp", "tls", "http", "time"]
-    rows = {r[1]: r for r in lines[1:]}
-    assert rows["home"][2:6] == ["ok", "ok", "ok", "200"]
+    assert lines[0] == ["service", "target", "dns", "tcp", "tls", "http", "time", "verdict"]
+    rows = {r[1]: r for r in lines[1:] if r[0] != "service"}
+    assert rows["home"][2:6] == ["ok", "ok", "ok", "200"] and rows["home"][7] == "ok"
     assert rows["intercepted"][4] == "ssl_invalid_hostname"
+    # A user's own site, no control helper: a bad certificate or a missing name may be
+    # the site's own problem, so the verdict says it cannot tell.
+    assert rows["intercepted"][7] == "unknown" and rows["gone"][7] == "unknown"
     assert rows["gone"][2:6] == ["dns_nxdomain_error", "-", "-", "-"]
+    (service,) = [r for r in lines[1:] if r[0] == "service"]
+    assert service[1:3] == ["lab", "inconclusive"]
 
 
 def test_exit_codes_for_bad_input(tmp_path: Path) -> None:

@@ -205,8 +205,17 @@ def test_handshake_interference(ctx: EngineContext, mode: str, failure: str) -> 
     with TCPServer(mode) as server:
         m = run_measure(_tls_target(VALID, server.port), ctx)
     assert m.tcp_connect[0].failure is None
-    (h,) = m.tls_handshakes
-    assert (h.failure, h.failed_operation) == (failure, "tls_handshake")
+    h, control = m.tls_handshakes
+    assert (h.purpose, h.failure, h.failed_operation) == ("target", failure, "tls_handshake")
+    # The SNI A/B test: the same address again with a harmless name. This server
+    # misbehaves whatever the name, so the control fails the same way.
+    assert (control.purpose, control.server_name, control.failure) == ("control_sni", "example.com", failure)
+    assert len(m.tcp_connect) == 1  # the control's connect is not a target connect
+
+
+def test_sni_ab_only_after_interference(web: WebServer, ctx: EngineContext) -> None:
+    m = run_measure(_tls_target(EXPIRED, web.port), ctx)
+    assert [h.purpose for h in m.tls_handshakes] == ["target"]  # a certificate error is an answer
 
 
 # -- HTTP -----------------------------------------------------------------------

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from probe.privacy import local_addresses
+
 pytestmark = pytest.mark.netns
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -76,6 +78,16 @@ def test_host_unreachable(netns: str) -> None:
 
 def test_real_catalog_runs_offline_in_isolation(netns: str, tmp_path: Path) -> None:
     """The whole built-in catalog, end to end, where nothing can get out."""
+    # An address of its own besides loopback (a documentation one, no route comes
+    # with it): the probe sees it as its IP, and must not let it out.
+    own = "198.51.100.77"
+    subprocess.run(["ip", "-n", netns, "addr", "add", f"{own}/32", "dev", "lo"], check=True)
+    seen = subprocess.run(
+        ["ip", "netns", "exec", netns, sys.executable, "-c",
+         "from probe.privacy import local_addresses; print(*local_addresses())"],
+        capture_output=True, text=True, cwd=ROOT, timeout=60, check=True,
+    ).stdout.split()  # fmt: skip
+    assert seen == [own]
     resolv = tmp_path / "resolv.conf"
     resolv.write_text("nameserver 127.0.0.1\n")
     env = dict(os.environ, VANTAGE_DNS_RESOLV_CONF=str(resolv), VANTAGE_ENGINE_TCP_TIMEOUT="2")
@@ -96,4 +108,5 @@ def test_real_catalog_runs_offline_in_isolation(netns: str, tmp_path: Path) -> N
     assert failures == {"connection_refused", "network_unreachable"}
     telegram_dc = [d for d in docs if d["service"] == "telegram" and d["target"]["id"] != "web"]
     assert {d["test_keys"]["failure"] for d in telegram_dc} == {"network_unreachable"}
-    assert all(d["probe_ip"] == "127.0.0.1" for d in docs)
+    assert own not in proc.stdout and own not in proc.stderr
+    assert not [a for a in local_addresses() if a in proc.stdout]  # nor the host's

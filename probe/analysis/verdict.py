@@ -1,0 +1,570 @@
+"""Verdicts: was the target reachable, and if not, how was it blocked?
+
+Pure functions of a measurement and its controls (no I/O), so every rule can be
+tested with literal observations. The order follows REFERENCE.md section 2: a step is
+judged only when the steps before it got through; DNS answers are judged by
+Censored Planet's ladder (errors, bogons, blockpage addresses, agreement with
+trusted answers, a validating TLS handshake on the address); TLS failures by the SNI
+A/B test; HTTP by blockpage fingerprints (known false positives first) and by
+comparison with the control helper's view, as OONI's web_connectivity does.
+
+The controls, strongest first:
+- the control helper's measurement of the same target from an uncensored place;
+- the SNI A/B handshake the engine makes after a cut-off handshake;
+- trusted resolvers (DoH, a public resolver) queried besides the system's;
+- catalog expectations (a target with expectations is a service known to exist);
+- control targets: when those fail too, the vantage point is offline and nothing
+  may be called blocked.
+
+>>> verdict = judge(measurement, Controls(offline=False))
+>>> verdict.blocking, verdict.confidence
+('tls', 'high')
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from probe.analysis.fingerprints import Fingerprint, FingerprintDB, title_of
+from schema.model import (
+    DNSQuery,
+    HTTPTransaction,
+    Measurement,
+    Reason,
+    TCPConnect,
+    TLSHandshake,
+    Verdict,
+)
+
+#: Failures that an on-path device produces by cutting a connection short.
+INTERFERENCE = frozenset(
+    {"connection_reset", "eof_error", "generic_timeout_error", "ssl_failed_handshake"}
+)
+#: DNS failures that a lying resolver produces (a timeout is weaker: see the rules).
+DNS_LIES = frozenset(
+    {"dns_nxdomain_error", "dns_servfail_error", "dns_refused_error", "dns_no_answer"}
+)
+#: Below this transfer rate (bytes/s) a download cut by a timeout looks throttled; a
+#: bad link can be this slow too, so it is weak evidence unless the rate collapsed
+#: below ``COLLAPSED_RATE`` (Russia's 2021 throttling left a few kB/s).
+THROTTLE_RATE = 100_000
+COLLAPSED_RATE = 25_000
+
+
+@dataclass(frozen=True)
+class Controls:
+    """What the answer should have been, as far as this run knows."""
+
+    #: True: the control targets failed too (the vantage point is offline); False:
+    #: they worked; None: they were not measured.
+    offline: bool | None = None
+    #: The control helper's measurement of the same target, if one was asked.
+    helper: Measurement | None = None
+    helper_error: str | None = None
+    fingerprints: FingerprintDB = field(default_factory=FingerprintDB.builtin)
+
+
+# -- small readers over observations ------------------------------------------------
+
+
+def _system_queries(m: Measurement) -> list[DNSQuery]:
+    return [q for q in m.queries if q.system_resolver] or list(m.queries)
+
+
+def _trusted_queries(m: Measurement) -> list[DNSQuery]:
+    system = _system_queries(m)
+    return [q for q in m.queries if q not in system]
+
+
+def _answers(queries: Sequence[DNSQuery]) -> set[str]:
+    return {a for q in queries if q.failure is None for a in q.addresses()}
+
+
+def _all_failed(observations: Sequence[TCPConnect | TLSHandshake | DNSQuery]) -> bool:
+    return bool(observations) and all(o.failure is not None for o in observations)
+
+
+def _targets(m: Measurement) -> list[TLSHandshake]:
+    return [h for h in m.tls_handshakes if h.purpose == "target"]
+
+
+def _sni_controls(m: Measurement) -> list[TLSHandshake]:
+    return [h for h in m.tls_handshakes if h.purpose == "control_sni"]
+
+
+def _answered(h: TLSHandshake) -> bool:
+    """The server answered the handshake (a certificate error is still an answer)."""
+    return h.failure is None or h.failure.startswith("ssl_") and h.failure != "ssl_failed_handshake"
+
+
+def _first_failure(observations: Sequence[TCPConnect | TLSHandshake | DNSQuery]) -> str:
+    return next((o.failure for o in observations if o.failure), "")
+
+
+def _known(m: Measurement) -> bool:
+    """A target with catalog expectations belongs to a service known to exist."""
+    e = m.target.expect
+    return bool(e.asns or e.cert_names or e.status)
+
+
+class _Judge:
+    """Collects reasons while the rules run; ``verdict()`` assembles the result."""
+
+    def __init__(self, m: Measurement, controls: Controls) -> None:
+        self.m, self.c = m, controls
+        self.reasons: list[Reason] = []
+        self.used: list[str] = []
+        #: The control answers, when the system resolver's answers differ from them.
+        self.inconsistent: list[str] = []
+        if _known(m):
+            self.used.append("catalog")
+        if controls.offline is not None:
+            self.used.append("control_targets")
+        if controls.helper is not None:
+            self.used.append("control_helper")
+        if _trusted_queries(m):
+            self.used.append("trusted_dns")
+
+    def why(self, code: str, detail: str, **evidence: object) -> None:
+        self.reasons.append(Reason(code, detail, dict(evidence)))
+
+    def verdict(
+        self, accessible: bool | None, blocking: str | bool | None, confidence: str
+    ) -> Verdict:
+        if self.c.helper is None and self.c.helper_error:
+            self.why(
+                "no_control_helper", f"the control helper could not be asked: {self.c.helper_error}"
+            )
+        elif self.c.helper is None:
+            self.why("no_control_helper", "no control helper: judged from the probe's own controls")
+        explanation = self.reasons[0].detail if self.reasons else "every step worked"
+        return Verdict(
+            accessible, blocking, confidence, explanation, self.reasons, sorted(set(self.used))
+        )
+
+    # -- the helper's view ------------------------------------------------------------
+
+    @property
+    def helper(self) -> Measurement | None:
+        return self.c.helper
+
+    def helper_answers(self) -> set[str]:
+        return _answers(self.helper.queries) if self.helper else set()
+
+    def helper_connects(self) -> bool | None:
+        if self.helper is None or not self.helper.tcp_connect:
+            return None
+        return any(c.failure is None for c in self.helper.tcp_connect)
+
+    def helper_tls(self) -> TLSHandshake | None:
+        if self.helper is None:
+            return None
+        hs = _targets(self.helper)
+        return next((h for h in hs if h.failure is None), hs[0] if hs else None)
+
+    def helper_http(self) -> HTTPTransaction | None:
+        return self.helper.requests[-1] if self.helper and self.helper.requests else None
+
+
+def judge(m: Measurement, controls: Controls | None = None) -> Verdict:
+    """The verdict on one measurement. Never raises on odd observations."""
+    c = controls or Controls()
+    j = _Judge(m, c)
+    if c.offline:
+        j.why(
+            "vantage_offline",
+            "the control targets failed too: this network was offline, "
+            "so nothing in this run can be called blocked",
+        )
+        return j.verdict(None, None, "low")
+    for rule in (_dns, _tcp, _tls, _http):
+        result = rule(j)
+        if result is not None:
+            return result
+    if m.annotations.get("interrupted") == "true":
+        j.why("interrupted", "the measurement was cut short before it finished")
+        return j.verdict(None, None, "low")
+    j.why("reachable", "every step worked")
+    validated = any(h.failure is None for h in _targets(m))
+    return j.verdict(True, False, "high" if validated or not m.tls_handshakes else "medium")
+
+
+# -- DNS -------------------------------------------------------------------------
+
+
+def _dns(j: _Judge) -> Verdict | None:
+    m = j.m
+    system = _system_queries(m)
+    if not system:
+        return None  # an address target: nothing to resolve
+    trusted_ok = _answers(_trusted_queries(m))
+    helper_ok = j.helper_answers()
+    # An on-path injector answers queries to any resolver, so the control helper's
+    # answers (from an uncensored place) are preferred to other resolvers' here.
+    genuine = helper_ok or trusted_ok
+    if _all_failed(system):
+        failure = _first_failure(system)
+        answers = sorted({a for q in system for a in q.addresses()})
+        if failure == "dns_bogon_error":
+            fp = next((f for a in answers if (f := j.c.fingerprints.match_dns(a))), None)
+            if fp is not None:
+                j.why(
+                    "dns_blockpage_address",
+                    f"the resolver answered {', '.join(answers)}, "
+                    f"a known blockpage address ({fp.description})",
+                    answers=answers,
+                    fingerprint=fp.id,
+                )
+                return j.verdict(False, "dns", "high")
+            j.why(
+                "dns_bogon",
+                f"the resolver answered a private or reserved address ({', '.join(answers)})",
+                answers=answers,
+                control_answers=sorted(genuine),
+            )
+            return j.verdict(False, "dns", "high" if genuine or _known(m) else "medium")
+        helper_failure = (
+            _first_failure(j.helper.queries) if j.helper and _all_failed(j.helper.queries) else None
+        )
+        if genuine:
+            confidence = (
+                "low" if failure == "generic_timeout_error" else ("high" if helper_ok else "medium")
+            )
+            j.why(
+                "dns_failure_vs_control",
+                f"the system resolver failed ({failure}) where the "
+                f"controls resolved the name ({', '.join(sorted(genuine))})",
+                failure=failure,
+                control_answers=sorted(genuine),
+            )
+            return j.verdict(False, "dns", confidence)
+        if (
+            helper_failure is not None
+            and helper_failure == failure
+            or (helper_failure in DNS_LIES and failure in DNS_LIES)
+        ):
+            j.why(
+                "domain_gone",
+                f"the control helper fails to resolve the name too ({helper_failure}): "
+                "the domain does not resolve anywhere, not a block",
+                failure=failure,
+            )
+            return j.verdict(False, False, "high")
+        if failure in DNS_LIES and _known(m):
+            j.why(
+                "dns_failure_known_service",
+                f"the system resolver says {failure} for a name of a service known to exist",
+                failure=failure,
+            )
+            return j.verdict(False, "dns", "medium")
+        j.why(
+            "dns_failure_unconfirmed",
+            f"resolution failed ({failure}) and no control can tell a block from a failure",
+            failure=failure,
+        )
+        return j.verdict(False, None, "low")
+    # Answers came back: are they genuine? (Censored Planet's ladder.)
+    answers = sorted(_answers(system))
+    fp = next((f for a in answers if (f := j.c.fingerprints.match_dns(a))), None)
+    if fp is not None:
+        j.why(
+            "dns_blockpage_address",
+            f"the resolver answered {', '.join(answers)}, a known "
+            f"blockpage address ({fp.description})",
+            answers=answers,
+            fingerprint=fp.id,
+        )
+        return j.verdict(False, "dns", "high")
+    validated = {h.ip for h in _targets(m) if h.failure is None}
+    if set(answers) & (genuine | validated) or not genuine and not _targets(m):
+        return None  # consistent (or nothing to compare with): judge the next steps
+    wrong_name = [h for h in _targets(m) if h.failure == "ssl_invalid_hostname" and h.ip in answers]
+    helper_tls = j.helper_tls()
+    helper_validates = helper_tls is not None and helper_tls.failure is None
+    if wrong_name and (genuine or helper_validates):
+        where = ", ".join(sorted(genuine)) or "the name"
+        j.why(
+            "dns_forged_address",
+            f"the system resolver's answer ({', '.join(answers)}) serves a certificate "
+            f"for another name, while the controls resolve {where} and validate it there",
+            answers=answers,
+            control_answers=sorted(genuine),
+        )
+        return j.verdict(False, "dns", "high")
+    if genuine:
+        j.inconsistent = sorted(genuine)
+        j.why(
+            "dns_answers_differ",
+            f"the system resolver's answers ({', '.join(answers)}) differ from the "
+            f"controls' ({', '.join(sorted(genuine))}); CDNs do that too: the next steps decide",
+            answers=answers,
+            control_answers=sorted(genuine),
+        )
+    return None
+
+
+def _blame_dns(j: _Judge, step: str, failure: str) -> Verdict | None:
+    """Answers unlike the controls', and then the connection to them failed: the
+    answers were the block (a forged address), not the later step."""
+    if not j.inconsistent:
+        return None
+    j.why(
+        "dns_inconsistent_then_failed",
+        f"the system resolver's answers differ from the controls' ({', '.join(j.inconsistent)}) "
+        f"and the {step} to them failed ({failure})",
+        control_answers=j.inconsistent,
+        failure=failure,
+    )
+    return j.verdict(False, "dns", "medium")
+
+
+# -- TCP -------------------------------------------------------------------------
+
+
+def _tcp(j: _Judge) -> Verdict | None:
+    m = j.m
+    if not _all_failed(m.tcp_connect):
+        return None
+    failure = _first_failure(m.tcp_connect)
+    endpoints = [f"{c.ip}:{c.port}" for c in m.tcp_connect]
+    blamed = _blame_dns(j, "connect", failure)
+    if blamed is not None:
+        return blamed
+    helper = j.helper_connects()
+    if helper is True:
+        # A RST is an answer someone sent; one timeout may be a lost packet, so a
+        # timeout counts only when several endpoints all timed out.
+        if failure == "connection_refused":
+            confidence = "high"
+        else:
+            confidence = "medium" if len(m.tcp_connect) > 1 else "low"
+        j.why(
+            "tcp_failure_vs_control",
+            f"every connect failed ({failure}) while the control helper connected",
+            failure=failure,
+            endpoints=endpoints,
+        )
+        return j.verdict(False, "tcp_ip", confidence)
+    if helper is False:
+        j.why(
+            "server_down",
+            f"every connect failed ({failure}), and from the control helper too: "
+            "the server is down, not blocked",
+            failure=failure,
+        )
+        return j.verdict(False, False, "high")
+    if _known(m):
+        j.why(
+            "tcp_failure_known_service",
+            f"every connect to the service failed ({failure})",
+            failure=failure,
+            endpoints=endpoints,
+        )
+        return j.verdict(False, "tcp_ip", "medium" if failure == "connection_refused" else "low")
+    j.why(
+        "tcp_failure_unconfirmed",
+        f"every connect failed ({failure}); without a control a down server looks the same",
+        failure=failure,
+    )
+    return j.verdict(False, None, "low")
+
+
+# -- TLS -------------------------------------------------------------------------
+
+
+def _tls(j: _Judge) -> Verdict | None:
+    m = j.m
+    targets = _targets(m)
+    if not _all_failed(targets):
+        return None
+    failure = _first_failure(targets)
+    helper = j.helper_tls()
+    helper_ok = helper is not None and helper.failure is None
+    blamed = _blame_dns(j, "TLS handshake", failure)
+    if blamed is not None:
+        return blamed
+    if failure in INTERFERENCE:
+        controls = _sni_controls(m)
+        if any(_answered(h) for h in controls):
+            j.used.append("sni_ab")
+            j.why(
+                "sni_filtering",
+                f"the handshake naming {targets[0].server_name} was cut off "
+                f"({failure}) while the same address answered a handshake naming "
+                f"{controls[0].server_name}",
+                failure=failure,
+                control_sni=controls[0].server_name,
+            )
+            return j.verdict(False, "tls", "high")
+        if controls:
+            j.used.append("sni_ab")
+        if helper_ok:
+            j.why(
+                "tls_failure_vs_control",
+                f"the handshake was cut off ({failure}) while the control helper's succeeded",
+                failure=failure,
+            )
+            return j.verdict(False, "tls", "medium")
+        if helper is not None and helper.failure == failure:
+            j.why(
+                "server_tls_broken",
+                f"the control helper's handshake fails the same way ({failure})",
+                failure=failure,
+            )
+            return j.verdict(False, False, "medium")
+        j.why(
+            "tls_failure_unconfirmed",
+            f"the handshake was cut off ({failure}) and the address "
+            "did not answer a harmless name either",
+            failure=failure,
+        )
+        return j.verdict(False, None, "low")
+    # A certificate problem: interception, or the server's own misconfiguration?
+    if helper is not None and helper.failure == failure:
+        j.why(
+            "server_certificate_problem",
+            f"the server's certificate fails for the control helper too "
+            f"({failure}): the site's problem, not a block",
+            failure=failure,
+        )
+        return j.verdict(False, False, "high")
+    if helper_ok or (
+        _known(m) and failure == "ssl_unknown_authority" and m.target.expect.cert_names
+    ):
+        strength = "high" if helper_ok else "medium"
+        j.why(
+            "tls_interception",
+            f"the certificate presented fails validation ({failure}) where "
+            "the genuine server's validates",
+            failure=failure,
+        )
+        return j.verdict(False, "tls", strength)
+    j.why(
+        "certificate_unconfirmed",
+        f"the certificate fails validation ({failure}); without a "
+        "control this may be the site's own problem",
+        failure=failure,
+    )
+    return j.verdict(False, None, "low")
+
+
+# -- HTTP ------------------------------------------------------------------------
+
+
+def _http(j: _Judge) -> Verdict | None:
+    m = j.m
+    if not m.requests:
+        return None
+    last = m.requests[-1]
+    if last.status is not None:
+        fp = j.c.fingerprints.match_http(last.status, last.response_headers, last.body)
+        if fp is not None and fp.scope == "false-positive":
+            j.why(
+                "known_false_positive",
+                f"the site answered with a known false positive, not a blockpage: {fp.description}",
+                fingerprint=fp.id,
+                status=last.status,
+            )
+            return j.verdict(True, False, "medium")
+        if fp is not None:
+            j.why(
+                "blockpage",
+                f"the page matches the blockpage fingerprint {fp.id} ({fp.description})",
+                fingerprint=fp.id,
+                status=last.status,
+                url=last.url,
+            )
+            return j.verdict(False, "http-diff", "high")
+    control = j.helper_http()
+    if last.failure is not None:
+        return _http_failure(j, last, control)
+    if control is None or control.status is None or control.failure is not None:
+        return None
+    # OONI web_connectivity's comparisons with the control's view.
+    same_status = control.status == last.status
+    longer, shorter = (
+        max(control.body_length, last.body_length),
+        min(control.body_length, last.body_length),
+    )
+    proportion = shorter / longer if longer else 1.0
+    ours, theirs = title_of(last.body), title_of(control.body)
+    same_title = (
+        ours is not None and theirs is not None and _title_words(ours) == _title_words(theirs)
+    )
+    if same_status and (proportion > 0.7 or same_title):
+        return None
+    j.why(
+        "http_differs",
+        f"the page differs from the control helper's (status {last.status} vs {control.status}, "
+        f"body length proportion {proportion:.2f}, titles {ours!r} vs {theirs!r})",
+        status=last.status,
+        control_status=control.status,
+        proportion=round(proportion, 3),
+    )
+    return j.verdict(False, "http-diff", "low")
+
+
+def _title_words(title: str) -> set[str]:
+    return {w.lower() for w in title.split() if len(w) >= 5}
+
+
+def _http_failure(j: _Judge, last: HTTPTransaction, control: HTTPTransaction | None) -> Verdict:
+    failure = last.failure or ""
+    control_ok = control is not None and control.failure is None and control.status is not None
+    seconds = max(last.t - last.t0, 1e-6)
+    rate = last.body_length / seconds
+    if (
+        failure == "generic_timeout_error"
+        and last.status is not None
+        and 200 <= last.status < 300
+        and last.body_length
+    ):
+        if rate < THROTTLE_RATE:
+            strong = control_ok and rate < COLLAPSED_RATE
+            j.why(
+                "throttling",
+                f"the download stalled at {rate / 1000:.1f} kB/s after {last.body_length} "
+                "bytes" + (" while the control helper fetched it whole" if control_ok else ""),
+                rate=round(rate),
+                bytes=last.body_length,
+                seconds=round(seconds, 3),
+            )
+            return j.verdict(False, "throttling", "medium" if strong else "low")
+        j.why(
+            "slow_transfer",
+            f"the download was moving ({rate / 1000:.0f} kB/s) when the time ran out: a slow "
+            "link, not evidence of a block",
+            rate=round(rate),
+            bytes=last.body_length,
+        )
+        return j.verdict(None, None, "low")
+    if control is not None and control.failure == failure:
+        j.why(
+            "server_http_broken",
+            f"the control helper's request fails the same way ({failure})",
+            failure=failure,
+        )
+        return j.verdict(False, False, "medium")
+    if control_ok or _known(j.m):
+        # A reset or a cut connection is something someone did; a timeout may be the link.
+        if failure == "generic_timeout_error":
+            strength = "low"
+        else:
+            strength = "high" if control_ok and failure in INTERFERENCE else "medium"
+        j.why(
+            "http_failure",
+            f"the HTTP exchange failed ({failure} in {last.failed_operation})"
+            + (" while the control helper's worked" if control_ok else ""),
+            failure=failure,
+        )
+        return j.verdict(False, "http-failure", strength)
+    j.why(
+        "http_failure_unconfirmed",
+        f"the HTTP exchange failed ({failure}); without a control a failing server looks the same",
+        failure=failure,
+    )
+    return j.verdict(False, None, "low")
+
+
+__all__ = ["Controls", "Fingerprint", "judge"]
