@@ -93,7 +93,7 @@ def service_status(
             uids,
         )
     unsure = len(items) - len(reachable) - len(server_side)
-    if reachable:
+    if reachable and unsure <= len(reachable):
         note = f"; {unsure} could not be judged" if unsure else ""
         return ServiceStatus(
             service,

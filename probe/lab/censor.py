@@ -24,7 +24,7 @@ import dns.rdatatype
 import dns.rrset
 
 DNS_ACTIONS = ("nxdomain", "servfail", "refused", "timeout", "empty", "answer")
-TLS_ACTIONS = ("reset", "drop")
+TLS_ACTIONS = ("reset", "drop", "intercept")
 HTTP_ACTIONS = ("reset", "drop", "blockpage")
 PROXY_KINDS = ("tls", "http", "throttle")
 DEFAULT_TTL = 300

@@ -3,8 +3,9 @@
 nftables in the router redirects each TCP connection from the LAN here; the proxy
 reads where the client meant to go (``SO_ORIGINAL_DST``), looks at the first bytes
 the client sends (TLS ClientHello SNI or plaintext HTTP head), and then resets,
-drops, answers with the blockpage server, throttles, or relays unchanged - the
-behaviours of real DPI boxes the probe must tell apart.
+drops, answers with the blockpage server, throttles, intercepts TLS with a rogue
+CA's certificate, or relays unchanged - the behaviours of real DPI boxes the probe
+must tell apart.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import ssl
 import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -25,6 +27,7 @@ from probe.lab.censor import (
     ProxyRule,
     classify_first_bytes,
     http_rule_for,
+    normalise_name,
     parse_client_hello,
     parse_http_head,
     parse_proxy_rules,
@@ -37,6 +40,18 @@ log = logging.getLogger("probe.lab.proxy")
 
 IP_TRANSPARENT = 19
 _CHUNK = 65536
+
+ROGUE_CA_ORGANIZATION = "Rogue interception CA"
+INTERCEPT_TIMEOUT = 30.0
+"""How long an intercepted client may take for its handshake and one request."""
+_GATE_GRACE = 0.25
+"""With intercept rules, how long a silent client waits before its upstream connects."""
+_MAX_LEAVES = 256
+_INTERCEPT_BODY = (
+    "<!DOCTYPE html>\n<html><head><title>Intercepted</title></head>\n"
+    "<body><h1>Intercepted</h1><p>This connection to {name} was intercepted.</p>"
+    "</body></html>\n"
+)
 
 OriginalDst = Callable[[socket.socket], tuple[str, int]]
 ResidualAdder = Callable[[str, str, int, float], Awaitable[None]]
@@ -162,9 +177,46 @@ class _Conn:
     buf: bytearray = field(default_factory=bytearray)
     client_eof: bool = False
     server_first: bytes = b""
+    gate: asyncio.Event | None = None
+    """Set when the upstream may connect (only with intercept rules; None = at once)."""
 
 
 Upstream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+class Interceptor:
+    """A rogue CA and, per intercepted SNI name, a server context with a leaf for it.
+
+    State-level interception: the censor answers the handshake itself with a
+    certificate for exactly the name asked for, issued by a CA the client does
+    not trust. ``ca`` is a ``trustme.CA`` (made here unless given).
+    """
+
+    def __init__(self, ca: Any | None = None) -> None:
+        if ca is None:
+            try:
+                import trustme
+            except ImportError as exc:  # pragma: no cover - depends on the install
+                raise ConfigError(
+                    "tls action intercept needs trustme: pip install 'vantage-probe[lab]'"
+                ) from exc
+            ca = trustme.CA(organization_name=ROGUE_CA_ORGANIZATION)
+        self.ca = ca
+        self._contexts: dict[str, ssl.SSLContext] = {}
+
+    def context_for(self, name: str) -> ssl.SSLContext:
+        """The server context presenting a rogue leaf for ``name`` (made once per name)."""
+        name = normalise_name(name)
+        context = self._contexts.get(name)
+        if context is None:
+            leaf = self.ca.issue_cert(name)
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.set_alpn_protocols(["http/1.1"])
+            leaf.configure_cert(context)
+            if len(self._contexts) >= _MAX_LEAVES:
+                self._contexts.pop(next(iter(self._contexts)))
+            self._contexts[name] = context
+        return context
 
 
 class Proxy:
@@ -176,10 +228,13 @@ class Proxy:
         *,
         original_dst: OriginalDst = original_dst,
         add_residual: ResidualAdder | None = None,
+        interceptor: Interceptor | None = None,
     ) -> None:
         self.config = config
         self._original_dst = original_dst
         self._add_residual = add_residual or self._nft_residual
+        self._intercepts = any(r.kind == "tls" and r.action == "intercept" for r in config.rules)
+        self.interceptor = interceptor
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self.port = config.listen_port
@@ -188,7 +243,10 @@ class Proxy:
         await nft_add_residual(self.config.nft_table, src, dst, port, seconds)
 
     async def start(self) -> None:
-        """Bind the listening socket (before the agent says it is ready)."""
+        """Make the rogue CA if needed and bind the listening socket (before ready)."""
+        if self._intercepts and self.interceptor is None:
+            self.interceptor = Interceptor()
+            log.info("proxy: rogue CA %r ready for tls interception", ROGUE_CA_ORGANIZATION)
         self._server = await asyncio.start_server(
             self._handle, self.config.listen_address, self.config.listen_port,
             reuse_address=True, limit=MAX_INSPECT * 4,
@@ -240,7 +298,9 @@ class Proxy:
             writer.transport.abort()
             return
         conn = _Conn(client=(peer[0], peer[1]), dst=dst)
-        upstream = asyncio.create_task(self._connect(dst, conn.client[0]))
+        if self._intercepts:  # an intercepted connection must never reach its server
+            conn.gate = asyncio.Event()
+        upstream = asyncio.create_task(self._connect(dst, conn.client[0], conn))
         try:
             await self._serve_conn(conn, reader, writer, upstream)
         finally:
@@ -269,6 +329,12 @@ class Proxy:
         if rule is not None and rule.residual > 0:
             await self._add_residual(conn.client[0], conn.dst[0], conn.dst[1], rule.residual)
         action = rule.action if rule is not None else "relay"
+        if action == "intercept":
+            upstream.cancel()
+            await self._intercept(conn, reader, writer)
+            return
+        if conn.gate is not None and action not in ("reset", "drop", "blockpage"):
+            conn.gate.set()
         if action == "reset":
             abort_with_rst(writer)
             return
@@ -292,8 +358,21 @@ class Proxy:
             writer.write(conn.server_first)
         await self._relay(conn, reader, writer, u_reader, u_writer, rate)
 
-    async def _connect(self, dst: tuple[str, int], client_ip: str) -> Upstream:
-        """Open the upstream connection (from the client's address if transparent)."""
+    async def _connect(
+        self, dst: tuple[str, int], client_ip: str, conn: _Conn | None = None
+    ) -> Upstream:
+        """Open the upstream connection (from the client's address if transparent).
+
+        With a gate (intercept rules configured) it waits for the verdict first,
+        unless the client stays silent (a protocol where the server speaks first).
+        """
+        if conn is not None and conn.gate is not None:
+            try:
+                async with asyncio.timeout(_GATE_GRACE):
+                    await conn.gate.wait()
+            except TimeoutError:
+                if conn.buf:
+                    await conn.gate.wait()
         async with asyncio.timeout(self.config.connect_timeout):
             if not self.config.transparent_source:
                 return await asyncio.open_connection(dst[0], dst[1], limit=_CHUNK * 2)
@@ -412,6 +491,54 @@ class Proxy:
         )  # fmt: skip
         return rule
 
+    async def _intercept(
+        self, conn: _Conn, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """Terminate the client's TLS with a rogue certificate for its SNI name.
+
+        The ClientHello was already read (``conn.buf``), so the server side runs on
+        memory BIOs fed with those bytes first, then with what the socket brings.
+        A client that accepts the certificate gets one small "Intercepted" page.
+        """
+        name = parse_client_hello(bytes(conn.buf)).sni
+        if self.interceptor is None or name is None:
+            abort_with_rst(writer)
+            return
+        try:
+            context = self.interceptor.context_for(name)
+        except Exception:  # noqa: BLE001 - e.g. a name no certificate can carry
+            log.exception("proxy: no rogue certificate for %r", name)
+            abort_with_rst(writer)
+            return
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        where = f"{conn.client[0]} -> {conn.dst[0]}:{conn.dst[1]} sni={name!r}"
+        try:
+            obj = context.wrap_bio(incoming, outgoing, server_side=True)
+            incoming.write(bytes(conn.buf))
+            if conn.client_eof:
+                incoming.write_eof()
+            async with asyncio.timeout(INTERCEPT_TIMEOUT):
+                await _tls_handshake(obj, incoming, outgoing, reader, writer)
+                log.info("proxy: %s intercepted, client accepted the rogue certificate", where)
+                head = await _tls_read_head(obj, incoming, outgoing, reader, writer)
+                if head:
+                    body = _INTERCEPT_BODY.format(name=name).encode()
+                    obj.write(
+                        b"HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\n"
+                        b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body
+                    )
+                with contextlib.suppress(ssl.SSLError):
+                    obj.unwrap()  # close_notify
+                await _flush(outgoing, writer)
+        except ssl.SSLError as exc:
+            log.info("proxy: %s intercepted, handshake ended: %s", where, exc)
+            with contextlib.suppress(OSError):
+                await _flush(outgoing, writer)  # e.g. our alert
+        except (OSError, TimeoutError) as exc:
+            log.info("proxy: %s intercepted, connection ended: %r", where, exc)
+        if not writer.is_closing():
+            writer.close()
+
     async def _hold(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Keep the client's connection open and answer nothing, until it gives up."""
         with contextlib.suppress(OSError, TimeoutError):
@@ -473,6 +600,68 @@ class Proxy:
             for w in (c_writer, u_writer):
                 if not w.is_closing():
                     w.close()
+
+
+async def _flush(outgoing: ssl.MemoryBIO, writer: asyncio.StreamWriter) -> None:
+    """Send whatever TLS produced (records, alerts) to the client."""
+    pending = outgoing.read()
+    if pending and not writer.is_closing():
+        writer.write(pending)
+        await writer.drain()
+
+
+async def _feed(incoming: ssl.MemoryBIO, reader: asyncio.StreamReader) -> None:
+    """Move the client's next bytes into the TLS object (EOF included)."""
+    if incoming.eof:
+        raise ConnectionAbortedError("the client closed the connection")
+    data = await reader.read(_CHUNK)
+    if data:
+        incoming.write(data)
+    else:
+        incoming.write_eof()
+
+
+async def _tls_handshake(
+    obj: ssl.SSLObject,
+    incoming: ssl.MemoryBIO,
+    outgoing: ssl.MemoryBIO,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+) -> None:
+    """Drive a memory-BIO handshake over the client's stream until it completes."""
+    while True:
+        try:
+            obj.do_handshake()
+        except ssl.SSLWantReadError:
+            await _flush(outgoing, writer)
+            await _feed(incoming, reader)
+            continue
+        await _flush(outgoing, writer)
+        return
+
+
+async def _tls_read_head(
+    obj: ssl.SSLObject,
+    incoming: ssl.MemoryBIO,
+    outgoing: ssl.MemoryBIO,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+) -> bytes:
+    """Decrypt the client's first request head (up to MAX_INSPECT bytes; b"" if none)."""
+    data = b""
+    while b"\r\n\r\n" not in data and len(data) < MAX_INSPECT:
+        try:
+            chunk = obj.read(_CHUNK)
+        except ssl.SSLWantReadError:
+            await _flush(outgoing, writer)
+            await _feed(incoming, reader)
+            continue
+        except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+            break
+        if not chunk:
+            break
+        data += chunk
+    return data
 
 
 async def _pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, rate: float | None) -> None:

@@ -29,7 +29,7 @@ RULE_ACTIONS: dict[str, tuple[str, ...]] = {
     "dns": ("nxdomain", "servfail", "refused", "timeout", "empty", "answer"),
     "dns-inject": ("answer",),
     "tcp": ("drop", "reset"),
-    "tls": ("reset", "drop"),
+    "tls": ("reset", "drop", "intercept"),
     "http": ("blockpage", "reset"),
     "throttle": ("limit",),
     "outage": ("drop",),

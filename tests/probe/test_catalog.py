@@ -108,8 +108,8 @@ def test_unreadable_file_and_unknown_service(tmp_path: Path) -> None:
         select(load_catalog(), ["nope"])
 
 
-def test_ca_file_is_resolved_next_to_the_catalog(tmp_path: Path) -> None:
-    (tmp_path / "root.pem").write_text("x")
+def test_ca_file_is_resolved_next_to_the_catalog(tmp_path: Path, ca_file: str) -> None:
+    (tmp_path / "root.pem").write_bytes(Path(ca_file).read_bytes())
     text = GOOD.replace('id = "site"', 'id = "site"\nca_file = "root.pem"')
     (tmp_path / "c.toml").write_text(text)
     (t,) = load_file(tmp_path / "c.toml").targets

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
 
 from probe.store import BatchWriter, Store, StoreError
 from schema import tables, wire
@@ -53,7 +52,7 @@ def test_a_failing_batch_stores_nothing(store: Store, dns_server, web, ctx) -> N
     second = _measurement(dns_server, web, ctx, "/")
     _begin(store, first)
     store.write_measurements([first])
-    with pytest.raises(sa.exc.IntegrityError):
+    with pytest.raises(StoreError, match="UNIQUE constraint failed"):
         store.write_measurements([second, first])  # first is a duplicate: the batch fails
     assert store.count() == 1
     assert store.load_measurement(second.measurement_uid) is None
