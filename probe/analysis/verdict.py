@@ -68,13 +68,19 @@ class Controls:
 # -- small readers over observations ------------------------------------------------
 
 
+def _own_queries(m: Measurement) -> list[DNSQuery]:
+    """The target name's own lookups (a redirect's lookups of other names are not)."""
+    return [q for q in m.queries if q.hostname.rstrip(".").lower() == m.target.host.lower()]
+
+
 def _system_queries(m: Measurement) -> list[DNSQuery]:
-    return [q for q in m.queries if q.system_resolver] or list(m.queries)
+    own = _own_queries(m)
+    return [q for q in own if q.system_resolver] or own
 
 
 def _trusted_queries(m: Measurement) -> list[DNSQuery]:
     system = _system_queries(m)
-    return [q for q in m.queries if q not in system]
+    return [q for q in _own_queries(m) if q not in system]
 
 
 def _answers(queries: Sequence[DNSQuery]) -> set[str]:

@@ -34,6 +34,8 @@ if TYPE_CHECKING:
 
 Engine = Literal["udp", "tcp", "doh"]
 QUERY_TYPES = ("A", "AAAA")
+#: UDP queries are sent up to this many times within the DNS timeout.
+DNS_TRIES = 3
 
 
 class ResolverSpecError(ValueError):
@@ -136,14 +138,24 @@ class _UDPExchange(asyncio.DatagramProtocol):
             self.reply.set_exception(exc)
 
 
-async def _exchange_udp(wire: bytes, query_id: int, spec: ResolverSpec) -> bytes:
+async def _exchange_udp(
+    wire: bytes, query_id: int, spec: ResolverSpec, retry_after: float | None = None
+) -> bytes:
+    """Send the query, resending it every ``retry_after`` seconds until a reply
+    comes (the caller's timeout ends it), as every stub resolver does: one lost
+    datagram is the network, not the resolver."""
     loop = asyncio.get_running_loop()
     transport, proto = await loop.create_datagram_endpoint(
         lambda: _UDPExchange(query_id), remote_addr=(spec.address, spec.port)
     )
     try:
-        transport.sendto(wire)
-        return await proto.reply
+        while True:
+            transport.sendto(wire)
+            if retry_after is None:
+                return await proto.reply
+            done, _ = await asyncio.wait({proto.reply}, timeout=retry_after)
+            if done:
+                return proto.reply.result()
     finally:
         transport.close()
 
@@ -217,7 +229,7 @@ async def query(
     async with trace.step(obs, "resolve", ctx.timeouts.dns):
         q, wire = _make_query(name, qtype)
         if spec.engine == "udp":
-            raw = await _exchange_udp(wire, q.id, spec)
+            raw = await _exchange_udp(wire, q.id, spec, ctx.timeouts.dns / DNS_TRIES)
             if _truncated(raw):
                 # "Too big for UDP": ask the same resolver over TCP, as a stub resolver
                 # does. One observation (engine "udp"); the TCP reply is the evidence.

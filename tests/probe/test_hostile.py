@@ -606,3 +606,40 @@ def test_a_broken_target_does_not_stop_the_run(web: WebServer, ctx) -> None:
     assert outcome.status == "complete" and outcome.measured == 2
     ok = next(m for m in done if m.target.id == "ok")
     assert ok.tls_handshakes[0].failure is None
+
+
+def test_a_lost_udp_query_is_sent_again(make_ctx) -> None:
+    """Like a stub resolver, the engine resends a query whose datagram was lost."""
+    import socket
+    import threading
+
+    import dns.message
+
+    from probe.engine.context import Timeouts
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.settimeout(5)
+    seen: list[int] = []
+
+    def serve() -> None:
+        for _ in range(2):  # the first copy is "lost"; the second is answered
+            data, peer = sock.recvfrom(4096)
+            seen.append(len(data))
+            if len(seen) == 2:
+                reply = dns.message.make_response(dns.message.from_wire(data))
+                reply.answer.append(dns.rrset.from_text("lost.test.", 60, "IN", "A", "127.0.0.9"))
+                sock.sendto(reply.to_wire(), peer)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    from probe.engine.dns import ResolverSpec, query
+    from probe.engine.trace import Trace
+
+    ctx = make_ctx(resolvers=[ResolverSpec("udp", "127.0.0.1", sock.getsockname()[1])],
+                   timeouts=Timeouts(dns=1.5, tcp=1, tls=1, http=1))  # fmt: skip
+    obs = asyncio.run(query("lost.test", "A", ctx.resolvers[0], ctx, Trace()))
+    thread.join(5)
+    sock.close()
+    assert obs.failure is None and obs.addresses() == ["127.0.0.9"]
+    assert len(seen) == 2 and 0.4 < obs.t - obs.t0 < 1.5  # answered after one resend
