@@ -23,9 +23,11 @@ from probe.lab.scenario import parse_scenario
 ROUND_TRIPS = {"dns": 1, "tcp": 1, "tls": 1, "http connect": 1, "http tls": 1, "http request": 1}
 
 
-def scenario_text(n: int, rtt_ms: float, concurrency: int) -> str:
+def scenario_text(n: int, rtt_ms: float, concurrency: int, helper: bool) -> str:
     parts = [f'name = "bench-lab"\ndescription = "{n} HTTPS targets, {rtt_ms:g} ms RTT"\n'
              f"services = []\nconcurrency = {concurrency}\n[path]\ndelay_ms = {rtt_ms}\n"]  # fmt: skip
+    if not helper:  # the probe alone: the control helper's own work is not the probe's
+        parts.append('[probe.control]\nurl = ""\n')
     for i in range(n):
         parts.append(f'[[site]]\nname = "s{i}.bench.example"\n')
         parts.append(
@@ -43,8 +45,15 @@ def main() -> int:
     p.add_argument("--rtt-ms", type=float, default=100.0)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--with-control-helper",
+        action="store_true",
+        help="also ask the lab's control helper about every target (as lab runs do)",
+    )
     a = p.parse_args()
-    s = parse_scenario(scenario_text(a.targets, a.rtt_ms, a.concurrency), "bench-lab")
+    s = parse_scenario(
+        scenario_text(a.targets, a.rtt_ms, a.concurrency, a.with_control_helper), "bench-lab"
+    )
     result = run_scenario(s)
     if result.error:
         print(f"benchmark could not run: {result.error}", file=sys.stderr)
