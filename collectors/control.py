@@ -50,8 +50,8 @@ from starlette.requests import ClientDisconnect
 
 from probe import __version__
 from probe.engine.context import EngineContext, IPNetwork, Timeouts
-from probe.engine.dns import ResolverSpec, system_resolvers
-from probe.engine.measure import is_ip, measure
+from probe.engine.dns import ResolverSpec, is_ip, system_resolvers
+from probe.engine.measure import measure
 from schema import wire
 from schema.model import TARGET_KINDS, Measurement, Target, VantagePoint
 

@@ -40,7 +40,6 @@ Matching rules, chosen so that hostile answers cost bounded work:
 
 from __future__ import annotations
 
-import datetime as dt
 import functools
 import html
 import ipaddress
@@ -50,6 +49,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import resources
 
+from probe.catalog import read_source
 from probe.tomltable import ErrorFactory, TableReader
 from schema.model import Source
 
@@ -476,19 +476,10 @@ def _builtin() -> FingerprintDB:
 
 
 def _source(entry: TableReader) -> Source:
-    sub = entry.sub("source", _SOURCE_KEYS)
-    if sub is None:
+    source = read_source(entry, "source")
+    if source is None:
         raise entry.fail("source", "is required (a table with url and checked)")
-    url = sub.text("url", required=True)
-    checked = sub.get("checked", (dt.date, str), required=True)
-    if isinstance(checked, dt.datetime):
-        checked = checked.date()
-    if isinstance(checked, str):
-        try:
-            checked = dt.date.fromisoformat(checked)
-        except ValueError as exc:
-            raise sub.fail("checked", f"not a date (YYYY-MM-DD): {checked!r}") from exc
-    return Source(url=url, checked=checked)
+    return source
 
 
 def _pattern(entry: TableReader, location: str, match: str) -> str:

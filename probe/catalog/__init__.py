@@ -54,7 +54,8 @@ def _reader(origin: str, table: Any, path: str, allowed: set[str]) -> TableReade
     return TableReader(table, path, allowed, lambda key, reason: CatalogError(origin, key, reason))
 
 
-def _source(c: TableReader, name: str, inherited: Source | None) -> Source | None:
+def read_source(c: TableReader, name: str, inherited: Source | None = None) -> Source | None:
+    """A ``{url, checked}`` table: where a fact came from and when it was checked."""
     sub = c.sub(name, _SOURCE_KEYS)
     if sub is None:
         return inherited
@@ -212,7 +213,7 @@ def _target(
         addresses=tuple(addresses),
         sni=sni,
         expect=expectations,
-        source=_source(c, "source", inherited),
+        source=read_source(c, "source", inherited),
         control=bool(c.get("control", bool, control)),
         ca_file=ca_file,
     )
@@ -236,7 +237,7 @@ def parse_catalog(text: str, origin: str, base: Path | None = None) -> Service:
     if svc is None:
         raise top.fail("service", "is required (a [service] table)")
     name = svc.text("name", required=True)
-    source = _source(svc, "source", None)
+    source = read_source(svc, "source", None)
     control = bool(svc.get("control", bool, False))
     raw_targets = top.get("target", list, required=True)
     if not raw_targets:

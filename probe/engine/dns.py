@@ -95,6 +95,15 @@ def _port(text: str, spec: str) -> int:
     return int(text)
 
 
+def is_ip(host: str) -> bool:
+    """Whether ``host`` is already an address (nothing to resolve)."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def system_resolvers(path: str = "/etc/resolv.conf") -> list[ResolverSpec]:
     """The system's nameservers, read by dnspython's resolv.conf parser."""
     try:

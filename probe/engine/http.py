@@ -21,7 +21,6 @@ to record their length and SHA-256; only the first ``body_keep`` bytes are store
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 from typing import TYPE_CHECKING, Any
 
 import httpcore
@@ -29,6 +28,7 @@ import httpx
 
 from probe.engine import dns
 from probe.engine.content import BodyDecoder
+from probe.engine.dns import is_ip
 from probe.engine.failures import http_operation
 from probe.engine.trace import Trace
 from schema.model import DNSQuery, HTTPTransaction
@@ -60,14 +60,6 @@ def url_host_key(url: str) -> str | None:
         return httpx.URL(url).raw_host.decode("ascii").lower() or None
     except (httpx.InvalidURL, UnicodeError, ValueError):
         return None
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 class PinnedBackend(httpcore.AsyncNetworkBackend):
@@ -219,7 +211,7 @@ async def _route(
     host = current.raw_host.decode("ascii").lower()
     if backend.address_for(host) is not None:
         return None
-    if _is_ip(host):
+    if is_ip(host):
         if not first and ctx.is_bogon(host):
             return "dns_bogon_error"
         backend.pin(host, host)

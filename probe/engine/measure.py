@@ -8,7 +8,6 @@ as ``interrupted`` and the measurement is returned, not lost.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import uuid
 from urllib.parse import urlsplit
 
@@ -16,16 +15,9 @@ import httpx
 
 from probe.engine import dns, http, tcp, tls
 from probe.engine.context import EngineContext
+from probe.engine.dns import is_ip
 from probe.engine.trace import Trace
 from schema.model import Measurement, Target, VantagePoint
-
-
-def is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 def target_ports(target: Target) -> tuple[int, ...]:

@@ -12,7 +12,8 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from probe.catalog import builtin_services
-from probe.engine.measure import is_ip, target_ports, uses_tls
+from probe.engine.dns import is_ip
+from probe.engine.measure import target_ports, uses_tls
 from probe.lab import addresses as A
 from probe.lab.scenario import SCENARIO_SERVICE, Scenario, Site, _to_toml
 from schema.model import Service
