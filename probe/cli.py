@@ -29,7 +29,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from probe import __version__
-from probe.analysis import ServiceStatus, decide, service_status
+from probe.analysis import Decision, ServiceStatus, decide, service_status
 from probe.catalog import CatalogError, load_catalog, select
 from probe.config import Config, ConfigError, load_config
 from probe.engine.context import EngineContext, Timeouts
@@ -195,8 +195,10 @@ async def _measure(
 
     async def finished(m: Measurement) -> None:
         m = scrub(m, own)
-        await analyser.analyse(m)  # judged before it is written, written before it is shown
-        await writer.add(m)
+        try:
+            await analyser.analyse(m)  # judged before it is written, written before shown
+        finally:
+            await writer.add(m)  # a measurement is kept even if judging it failed
 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -207,6 +209,8 @@ async def _measure(
     try:
         await run.execute(finished, analyser.start)
     finally:
+        analyser.stop()
+        await analyser.aclose()
         await writer.flush()
         await asyncio.to_thread(store.finish_run, run.run_id, run.status, run.ctx.now_utc())
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -227,7 +231,7 @@ def _services_and_events(
     for status in statuses:
         history = store.service_history(run.vantage.probe_id, status.service)
         is_open = store.open_event(run.vantage.probe_id, status.service) is not None
-        decision = decide(history, is_open) if not is_offline else decide([], is_open)
+        decision = decide(history, is_open) if not is_offline else Decision("none")
         store.apply_decision(run.vantage, status.service, decision)
     return statuses
 

@@ -2,8 +2,9 @@
 
 Control targets are measured first; other measurements wait for them so that an
 offline vantage point is known before anything is called blocked. When a control
-helper is configured it is asked about every target, concurrently with the run.
-The judging itself is ``probe.analysis`` (pure); this module only does the I/O.
+helper is configured it is asked about each target as the measurement starts, in
+parallel with it. The judging itself is ``probe.analysis`` (pure); this module only
+does the waiting and the asking.
 """
 
 from __future__ import annotations
@@ -30,11 +31,23 @@ class Analyser:
         self.expected_controls = sum(1 for t in targets if t.control)
         self.controls: list[Measurement] = []
         self.controls_done = asyncio.Event()
+        self._offline: bool | None = None
         if self.expected_controls == 0:
             self.controls_done.set()
+        self._stopped = asyncio.Event()
         self.control_url, self.token, self.timeout = control_url, token or None, timeout
         self.fingerprints = FingerprintDB.builtin()
         self._asked: dict[tuple[str, str], asyncio.Task[ControlResult]] = {}
+
+    @property
+    def offline(self) -> bool | None:
+        """Whether the control targets failed: fixed once they are all in."""
+        return self._offline
+
+    def _controls_in(self) -> None:
+        if not self.controls_done.is_set():
+            self._offline = offline(self.controls)
+            self.controls_done.set()
 
     def start(self, target: Target) -> None:
         """A measurement starts: ask the control helper now, in parallel with it."""
@@ -42,27 +55,40 @@ class Analyser:
             ask = ask_control(self.control_url, target, token=self.token, timeout=self.timeout)
             self._asked[(target.service, target.id)] = asyncio.create_task(ask)
 
-    @property
-    def offline(self) -> bool | None:
-        return offline(self.controls) if self.controls_done.is_set() else None
-
     async def analyse(self, m: Measurement) -> None:
         """Set ``m.verdict``. Called for every finished measurement, controls first."""
         if m.target.control:
             m.verdict = judge(m, Controls(fingerprints=self.fingerprints))
             self.controls.append(m)
             if len(self.controls) >= self.expected_controls:
-                self.controls_done.set()
+                self._controls_in()
             return
-        helper, error = None, None
-        if self.control_url:
-            result = await ask_control(
-                self.control_url, m.target, token=self.token, timeout=self.timeout
-            )
-            helper, error = result.measurement, result.error
+        asked = self._asked.pop((m.target.service, m.target.id), None)
         await self.controls_done.wait()
+        helper, error = None, None
+        if asked is not None and self.offline:
+            asked.cancel()  # offline: nothing will be called blocked, no need to wait
+        elif asked is not None:
+            stopped = asyncio.ensure_future(self._stopped.wait())
+            done, _ = await asyncio.wait({asked, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            stopped.cancel()
+            if asked in done:
+                helper, error = asked.result().measurement, asked.result().error
+            else:
+                asked.cancel()
+                error = "the run was stopped before the control helper answered"
         m.verdict = judge(m, Controls(self.offline, helper, error, self.fingerprints))
 
     def stop(self) -> None:
-        """The run is ending: stop waiting for control targets that will not come."""
-        self.controls_done.set()
+        """The run is ending: judge with the control targets that came in, and stop
+        waiting for the control helper."""
+        self._controls_in()
+        self._stopped.set()
+
+    async def aclose(self) -> None:
+        """Cancel helper requests nobody will read (targets never finished)."""
+        tasks = list(self._asked.values())
+        self._asked.clear()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

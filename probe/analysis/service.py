@@ -47,12 +47,14 @@ def _blocked(items: list[Measurement]) -> list[Measurement]:
 def offline(controls: Sequence[Measurement]) -> bool | None:
     """True when every control target failed: the vantage point itself is offline.
 
-    None when no control target was measured. A control "works" when it got through
+    None when no control target finished (a control cut short by Ctrl-C or the
+    deadline says nothing about the network). A control "works" when it got through
     every step it has (its own verdict is not needed for that).
     """
-    if not controls:
+    finished = [m for m in controls if m.annotations.get("interrupted") != "true"]
+    if not finished:
         return None
-    return all(m.failure() is not None or m.annotations.get("interrupted") for m in controls)
+    return all(m.failure() is not None for m in finished)
 
 
 def service_status(
@@ -69,7 +71,7 @@ def service_status(
     server_side = [
         m
         for m in items
-        if m.verdict is not None and m.verdict.blocking is False and not m.verdict.accessible
+        if m.verdict is not None and m.verdict.blocking is False and m.verdict.accessible is False
     ]
     kinds = tuple(sorted({str(m.verdict.blocking) for m in blocked if m.verdict}))
     names = tuple(sorted(m.target.id for m in blocked))

@@ -24,7 +24,7 @@ The controls, strongest first:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from probe.analysis.fingerprints import Fingerprint, FingerprintDB, title_of
 from schema.model import (
@@ -40,6 +40,10 @@ from schema.model import (
 #: Failures that an on-path device produces by cutting a connection short.
 INTERFERENCE = frozenset(
     {"connection_reset", "eof_error", "generic_timeout_error", "ssl_failed_handshake"}
+)
+#: Certificate validation failures: interception, or the server's own mistake.
+CERTIFICATE_FAILURES = frozenset(
+    {"ssl_invalid_hostname", "ssl_unknown_authority", "ssl_invalid_certificate"}
 )
 #: DNS failures that a lying resolver produces (a timeout is weaker: see the rules).
 DNS_LIES = frozenset(
@@ -70,16 +74,17 @@ class Controls:
 
 def _own_queries(m: Measurement) -> list[DNSQuery]:
     """The target name's own lookups (a redirect's lookups of other names are not)."""
-    return [q for q in m.queries if q.hostname.rstrip(".").lower() == m.target.host.lower()]
+    host = m.target.host.rstrip(".").lower()
+    return [q for q in m.queries if q.hostname.rstrip(".").lower() == host]
 
 
-def _system_queries(m: Measurement) -> list[DNSQuery]:
+def system_queries(m: Measurement) -> list[DNSQuery]:
     own = _own_queries(m)
     return [q for q in own if q.system_resolver] or own
 
 
 def _trusted_queries(m: Measurement) -> list[DNSQuery]:
-    system = _system_queries(m)
+    system = system_queries(m)
     return [q for q in _own_queries(m) if q not in system]
 
 
@@ -91,7 +96,7 @@ def _all_failed(observations: Sequence[TCPConnect | TLSHandshake | DNSQuery]) ->
     return bool(observations) and all(o.failure is not None for o in observations)
 
 
-def _targets(m: Measurement) -> list[TLSHandshake]:
+def target_handshakes(m: Measurement) -> list[TLSHandshake]:
     return [h for h in m.tls_handshakes if h.purpose == "target"]
 
 
@@ -118,6 +123,11 @@ class _Judge:
     """Collects reasons while the rules run; ``verdict()`` assembles the result."""
 
     def __init__(self, m: Measurement, controls: Controls) -> None:
+        if controls.helper is not None and controls.helper.annotations.get("interrupted") == "true":
+            # A view cut short by the helper's own deadline proves nothing.
+            controls = replace(
+                controls, helper=None, helper_error="the control helper was cut short"
+            )
         self.m, self.c = m, controls
         self.reasons: list[Reason] = []
         self.used: list[str] = []
@@ -138,13 +148,14 @@ class _Judge:
     def verdict(
         self, accessible: bool | None, blocking: str | bool | None, confidence: str
     ) -> Verdict:
+        # The deciding reason is the last one a rule gave; earlier ones are context.
+        explanation = self.reasons[-1].detail if self.reasons else "every step worked"
         if self.c.helper is None and self.c.helper_error:
             self.why(
                 "no_control_helper", f"the control helper could not be asked: {self.c.helper_error}"
             )
         elif self.c.helper is None:
             self.why("no_control_helper", "no control helper: judged from the probe's own controls")
-        explanation = self.reasons[0].detail if self.reasons else "every step worked"
         return Verdict(
             accessible, blocking, confidence, explanation, self.reasons, sorted(set(self.used))
         )
@@ -156,7 +167,7 @@ class _Judge:
         return self.c.helper
 
     def helper_answers(self) -> set[str]:
-        return _answers(self.helper.queries) if self.helper else set()
+        return _answers(_own_queries(self.helper)) if self.helper else set()
 
     def helper_connects(self) -> bool | None:
         if self.helper is None or not self.helper.tcp_connect:
@@ -166,7 +177,7 @@ class _Judge:
     def helper_tls(self) -> TLSHandshake | None:
         if self.helper is None:
             return None
-        hs = _targets(self.helper)
+        hs = target_handshakes(self.helper)
         return next((h for h in hs if h.failure is None), hs[0] if hs else None)
 
     def helper_http(self) -> HTTPTransaction | None:
@@ -184,16 +195,25 @@ def judge(m: Measurement, controls: Controls | None = None) -> Verdict:
             "so nothing in this run can be called blocked",
         )
         return j.verdict(None, None, "low")
+    if m.annotations.get("interrupted") == "true" or not m.observation_count():
+        # A step cut off by Ctrl-C or the deadline failed because we stopped it.
+        j.why("interrupted", "the measurement was cut short before it could tell")
+        return j.verdict(None, None, "low")
     for rule in (_dns, _tcp, _tls, _http):
         result = rule(j)
         if result is not None:
             return result
-    if m.annotations.get("interrupted") == "true":
-        j.why("interrupted", "the measurement was cut short before it finished")
-        return j.verdict(None, None, "low")
+    validated = any(h.failure is None for h in target_handshakes(m))
+    if j.inconsistent and not validated:
+        j.why(
+            "reachable_unverified",
+            "it worked, but at addresses the controls did not give and nothing could "
+            "verify (a CDN answers differently by place; so would a forgery)",
+        )
+        return j.verdict(True, False, "low")
+    compared = j.helper_http() is not None and bool(m.requests)
     j.why("reachable", "every step worked")
-    validated = any(h.failure is None for h in _targets(m))
-    return j.verdict(True, False, "high" if validated or not m.tls_handshakes else "medium")
+    return j.verdict(True, False, "high" if validated or compared else "medium")
 
 
 # -- DNS -------------------------------------------------------------------------
@@ -201,7 +221,7 @@ def judge(m: Measurement, controls: Controls | None = None) -> Verdict:
 
 def _dns(j: _Judge) -> Verdict | None:
     m = j.m
-    system = _system_queries(m)
+    system = system_queries(m)
     if not system:
         return None  # an address target: nothing to resolve
     trusted_ok = _answers(_trusted_queries(m))
@@ -230,9 +250,8 @@ def _dns(j: _Judge) -> Verdict | None:
                 control_answers=sorted(genuine),
             )
             return j.verdict(False, "dns", "high" if genuine or _known(m) else "medium")
-        helper_failure = (
-            _first_failure(j.helper.queries) if j.helper and _all_failed(j.helper.queries) else None
-        )
+        helper_own = _own_queries(j.helper) if j.helper else []
+        helper_failure = _first_failure(helper_own) if _all_failed(helper_own) else None
         if genuine:
             confidence = (
                 "low" if failure == "generic_timeout_error" else ("high" if helper_ok else "medium")
@@ -246,10 +265,8 @@ def _dns(j: _Judge) -> Verdict | None:
             )
             return j.verdict(False, "dns", confidence)
         if (
-            helper_failure is not None
-            and helper_failure == failure
-            or (helper_failure in DNS_LIES and failure in DNS_LIES)
-        ):
+            helper_failure in DNS_LIES and failure in DNS_LIES
+        ):  # both got an answer saying the name does not resolve (not two timeouts)
             j.why(
                 "domain_gone",
                 f"the control helper fails to resolve the name too ({helper_failure}): "
@@ -282,10 +299,12 @@ def _dns(j: _Judge) -> Verdict | None:
             fingerprint=fp.id,
         )
         return j.verdict(False, "dns", "high")
-    validated = {h.ip for h in _targets(m) if h.failure is None}
-    if set(answers) & (genuine | validated) or not genuine and not _targets(m):
+    validated = {h.ip for h in target_handshakes(m) if h.failure is None}
+    if set(answers) & (genuine | validated) or not genuine and not target_handshakes(m):
         return None  # consistent (or nothing to compare with): judge the next steps
-    wrong_name = [h for h in _targets(m) if h.failure == "ssl_invalid_hostname" and h.ip in answers]
+    wrong_name = [
+        h for h in target_handshakes(m) if h.failure == "ssl_invalid_hostname" and h.ip in answers
+    ]
     helper_tls = j.helper_tls()
     helper_validates = helper_tls is not None and helper_tls.failure is None
     if wrong_name and (genuine or helper_validates):
@@ -381,7 +400,7 @@ def _tcp(j: _Judge) -> Verdict | None:
 
 def _tls(j: _Judge) -> Verdict | None:
     m = j.m
-    targets = _targets(m)
+    targets = target_handshakes(m)
     if not _all_failed(targets):
         return None
     failure = _first_failure(targets)
@@ -390,6 +409,14 @@ def _tls(j: _Judge) -> Verdict | None:
     blamed = _blame_dns(j, "TLS handshake", failure)
     if blamed is not None:
         return blamed
+    if helper is not None and helper.failure == failure:
+        j.why(
+            "server_tls_broken",
+            f"the control helper's handshake fails the same way ({failure}): "
+            "the server's problem, not a block",
+            failure=failure,
+        )
+        return j.verdict(False, False, "high" if failure in CERTIFICATE_FAILURES else "medium")
     if failure in INTERFERENCE:
         controls = _sni_controls(m)
         if any(_answered(h) for h in controls):
@@ -412,13 +439,6 @@ def _tls(j: _Judge) -> Verdict | None:
                 failure=failure,
             )
             return j.verdict(False, "tls", "medium")
-        if helper is not None and helper.failure == failure:
-            j.why(
-                "server_tls_broken",
-                f"the control helper's handshake fails the same way ({failure})",
-                failure=failure,
-            )
-            return j.verdict(False, False, "medium")
         j.why(
             "tls_failure_unconfirmed",
             f"the handshake was cut off ({failure}) and the address "
@@ -426,15 +446,10 @@ def _tls(j: _Judge) -> Verdict | None:
             failure=failure,
         )
         return j.verdict(False, None, "low")
+    if failure not in CERTIFICATE_FAILURES:
+        j.why("tls_failure_other", f"the handshake failed ({failure})", failure=failure)
+        return j.verdict(False, None, "low")
     # A certificate problem: interception, or the server's own misconfiguration?
-    if helper is not None and helper.failure == failure:
-        j.why(
-            "server_certificate_problem",
-            f"the server's certificate fails for the control helper too "
-            f"({failure}): the site's problem, not a block",
-            failure=failure,
-        )
-        return j.verdict(False, False, "high")
     if helper_ok or (
         _known(m) and failure == "ssl_unknown_authority" and m.target.expect.cert_names
     ):
@@ -464,7 +479,7 @@ def _http(j: _Judge) -> Verdict | None:
         return None
     last = m.requests[-1]
     if last.status is not None:
-        fp = j.c.fingerprints.match_http(last.status, last.response_headers, last.body)
+        fp = j.c.fingerprints.match_http(last.status, last.response_headers, last.body or b"")
         if fp is not None and fp.scope == "false-positive":
             j.why(
                 "known_false_positive",
@@ -472,7 +487,8 @@ def _http(j: _Judge) -> Verdict | None:
                 fingerprint=fp.id,
                 status=last.status,
             )
-            return j.verdict(True, False, "medium")
+            # The network let the site answer; what the site shows is its own choice.
+            return j.verdict(None, False, "medium")
         if fp is not None:
             j.why(
                 "blockpage",
@@ -486,6 +502,16 @@ def _http(j: _Judge) -> Verdict | None:
     if last.failure is not None:
         return _http_failure(j, last, control)
     if control is None or control.status is None or control.failure is not None:
+        expected = m.target.expect.status
+        if expected and last.status not in expected:
+            j.why(
+                "unexpected_status",
+                f"the final status is {last.status}, "
+                f"not the expected {', '.join(map(str, expected))}",
+                status=last.status,
+                expected=list(expected),
+            )
+            return j.verdict(False, "http-diff", "low")
         return None
     # OONI web_connectivity's comparisons with the control's view.
     same_status = control.status == last.status
@@ -494,7 +520,7 @@ def _http(j: _Judge) -> Verdict | None:
         min(control.body_length, last.body_length),
     )
     proportion = shorter / longer if longer else 1.0
-    ours, theirs = title_of(last.body), title_of(control.body)
+    ours, theirs = title_of(last.body or b""), title_of(control.body or b"")
     same_title = (
         ours is not None and theirs is not None and _title_words(ours) == _title_words(theirs)
     )

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from probe.analysis import offline, service_status
+from probe.analysis.verdict import system_queries, target_handshakes
 from probe.lab import addresses as A
 from probe.lab import firewall
 from probe.lab.netns import (
@@ -102,11 +103,11 @@ def _step(m: Measurement, step: str, resolver: str | None = None) -> tuple[str, 
     if step == "dns" and resolver is not None:
         obs: list[Any] = [q for q in m.queries if q.resolver_address == resolver]
     elif step == "dns":
-        obs = [q for q in m.queries if q.system_resolver] or list(m.queries)
+        obs = system_queries(m)
     elif step == "tcp":
         obs = list(m.tcp_connect)
     elif step == "tls":
-        obs = list(m.tls_handshakes)
+        obs = target_handshakes(m)  # not the SNI A/B control handshake
     else:
         obs = m.requests[-1:]
     if not obs:

@@ -250,7 +250,8 @@ def test_cdn_challenge_page_is_a_known_false_positive() -> None:
     )
     v = judge(m(queries=[q(REAL)], tcp_connect=[tcp()], tls_handshakes=[tls()], requests=[page]),
               Controls(helper=helper()))  # fmt: skip
-    assert (v.accessible, v.blocking, v.reasons[0].code) == (True, False, "known_false_positive")
+    # Not blocked by the network; whether the content is reachable, the site decides.
+    assert (v.accessible, v.blocking, v.reasons[0].code) == (None, False, "known_false_positive")
 
 
 def test_a_403_the_control_sees_too_is_not_blocking() -> None:
@@ -295,3 +296,76 @@ def test_blocking_is_false_whenever_accessible() -> None:
     for case in cases:
         v = judge(case, Controls(helper=helper()))
         assert v.accessible is True and v.blocking is False
+
+
+def test_interrupted_steps_are_not_evidence() -> None:
+    cut = m(queries=[q(REAL)], tcp_connect=[tcp()], tls_handshakes=[tls(failure="interrupted")])
+    cut.annotations["interrupted"] = "true"
+    v = judge(cut, Controls(helper=helper()))
+    assert (v.accessible, v.blocking, v.reasons[0].code) == (None, None, "interrupted")
+
+
+def test_a_helper_cut_short_is_no_control() -> None:
+    down = [tcp(failure="generic_timeout_error")]
+    cut = helper(tcp_connect=[tcp(failure="interrupted")], tls_handshakes=[], requests=[])
+    cut.annotations["interrupted"] = "true"
+    v = judge(m(queries=[q(REAL)], tcp_connect=down), Controls(helper=cut))
+    assert v.blocking != False and "control_helper" not in v.controls  # noqa: E712
+
+
+def test_non_certificate_tls_failure_is_not_interception() -> None:
+    v = judge(m(queries=[q(REAL)], tcp_connect=[tcp()], tls_handshakes=[tls(failure="host_unreachable")]),
+              Controls(helper=helper()))  # fmt: skip
+    assert (v.blocking, v.confidence) == (None, "low")
+
+
+def test_sni_reset_that_the_helper_sees_too_is_the_server() -> None:
+    hs = [
+        tls(failure="connection_reset"),
+        tls(failure="ssl_invalid_hostname", sni="example.com", purpose="control_sni"),
+    ]
+    v = judge(m(queries=[q(REAL)], tcp_connect=[tcp()], tls_handshakes=hs),
+              Controls(helper=helper(tls_handshakes=[tls(failure="connection_reset")], requests=[])))  # fmt: skip
+    assert (v.accessible, v.blocking) == (False, False)
+
+
+def test_two_timeouts_are_not_a_domain_gone() -> None:
+    timeout = [q(failure="generic_timeout_error")]
+    v = judge(
+        m(queries=timeout),
+        Controls(helper=helper(queries=timeout, tcp_connect=[], tls_handshakes=[], requests=[])),
+    )
+    assert v.blocking is not False
+
+
+def test_unverified_answers_that_work_are_low_confidence() -> None:
+    v = judge(
+        m(target(kind="tcp"), queries=[q(FORGED)], tcp_connect=[tcp(FORGED)]),
+        Controls(helper=helper()),
+    )
+    assert (v.accessible, v.blocking, v.confidence, v.reasons[-1].code) == (
+        True,
+        False,
+        "low",
+        "reachable_unverified",
+    )
+    assert "nothing could verify" in v.explanation
+
+
+def test_unexpected_status_without_a_helper() -> None:
+    t = Target(
+        id="t",
+        service="svc",
+        kind="http",
+        host=NAME,
+        url=f"http://{NAME}/",
+        expect=Expectations(status=(200,)),
+    )
+    v = judge(m(t, queries=[q(REAL)], tcp_connect=[tcp(port=80)], requests=[http(status=403)]))
+    assert (v.blocking, v.confidence) == ("http-diff", "low")
+
+
+def test_trailing_dot_host_and_empty_measurement() -> None:
+    dotted = Target(id="t", service="svc", kind="dns", host=NAME + ".", expect=KNOWN)
+    assert judge(m(dotted, queries=[q(failure="dns_nxdomain_error")])).blocking == "dns"
+    assert judge(m()).accessible is None
