@@ -331,3 +331,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StoreError as exc:
         print(f"vantage: database error: {exc}", file=sys.stderr)
         return EX_IOERR
+    except BrokenPipeError:
+        # The reader went away (`vantage run --json | head`): stop quietly.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
