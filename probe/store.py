@@ -18,7 +18,6 @@ import contextlib
 import datetime as dt
 import hashlib
 import json
-import os
 import threading
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
@@ -553,8 +552,3 @@ class BatchWriter:
 
 def _utc(value: dt.datetime) -> dt.datetime:
     return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
-
-
-def default_db_path() -> Path:
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(base) / "vantage" / "vantage.db"

@@ -9,6 +9,7 @@ the key's full path and the reason, through the caller's own exception type.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from typing import Any
@@ -112,3 +113,38 @@ class TableReader:
     def sub(self, name: str, allowed: set[str]) -> TableReader | None:
         value = self.get(name, dict)
         return None if value is None else TableReader(value, self.key(name), allowed, self.error)
+
+
+def to_toml(doc: dict[str, Any]) -> str:
+    """Just enough TOML writing for catalogs (strings, numbers, booleans, lists, tables)."""
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, int | float):
+            return repr(v)
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, list | tuple):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{ " + ", ".join(f"{k} = {value(x)}" for k, x in v.items()) + " }"
+        if hasattr(v, "isoformat"):
+            return str(v.isoformat())
+        raise TypeError(f"cannot write {type(v).__name__} as TOML")
+
+    lines: list[str] = []
+    for key, v in doc.items():
+        if not isinstance(v, dict | list) or (
+            isinstance(v, list) and not any(isinstance(x, dict) for x in v)
+        ):
+            lines.append(f"{key} = {value(v)}")
+    for key, v in doc.items():
+        if isinstance(v, dict):
+            lines.append(f"\n[{key}]")
+            lines += [f"{k} = {value(x)}" for k, x in v.items()]
+        elif isinstance(v, list) and any(isinstance(x, dict) for x in v):
+            for item in v:
+                lines.append(f"\n[[{key}]]")
+                lines += [f"{k} = {value(x)}" for k, x in item.items()]
+    return "\n".join(lines) + "\n"

@@ -15,7 +15,8 @@ from probe.catalog import builtin_services
 from probe.engine.dns import is_ip
 from probe.engine.measure import target_ports, uses_tls
 from probe.lab import addresses as A
-from probe.lab.scenario import SCENARIO_SERVICE, Scenario, Site, _to_toml
+from probe.lab.scenario import SCENARIO_SERVICE, Scenario
+from probe.tomltable import to_toml
 from schema.model import Service
 from schema.wire import target_to_wire
 
@@ -147,7 +148,7 @@ def catalog_toml(service: Service) -> str:
         if doc["source"] is not None:
             item["source"] = dict(doc["source"])
         targets.append(item)
-    return _to_toml({"format": 1, "service": {"name": service.name, "title": service.title},
+    return to_toml({"format": 1, "service": {"name": service.name, "title": service.title},
                      "target": targets})  # fmt: skip
 
 
@@ -228,5 +229,5 @@ def site_addresses(plan: LabPlan) -> list[str]:
     return sorted(plan.sites, key=ipaddress.ip_address)
 
 
-__all__ = ["LabPlan", "Site", "SitePlan", "catalog_toml", "internet_config", "make_plan",
+__all__ = ["LabPlan", "SitePlan", "catalog_toml", "internet_config", "make_plan",
            "site_addresses", "write_certificates"]  # fmt: skip

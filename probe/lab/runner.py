@@ -41,7 +41,8 @@ from probe.lab.plan import (
     site_addresses,
     write_certificates,
 )
-from probe.lab.scenario import Expectation, Scenario, _to_toml
+from probe.lab.scenario import Expectation, Scenario
+from probe.tomltable import to_toml
 from schema.model import Measurement
 from schema.wire import from_wire
 
@@ -225,7 +226,7 @@ def _probe_config(s: Scenario, ca: Path) -> str:
         if not isinstance(values, dict):
             raise LabError(f"{s.origin}: probe.{section}: expected a table of probe settings")
         sections.setdefault(section, {}).update(values)
-    return "".join(_to_toml({name: values}) for name, values in sections.items())
+    return "".join(to_toml({name: values}) for name, values in sections.items())
 
 
 def _start(
@@ -306,16 +307,17 @@ def lab(s: Scenario, workdir: Path) -> Iterator[tuple[Topology, LabPlan, Path]]:
     previous = signal.getsignal(signal.SIGTERM)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
+        sites = site_addresses(plan)
         extra = [
             A.AUTHORITATIVE,
             A.PUBLIC_RESOLVER,
             A.BLOCKPAGE,
             A.CONTROL_HELPER,
-            *site_addresses(plan),
+            *sites,
         ]
         topo.build(extra, PathConditions(s.path.delay_ms, s.path.jitter_ms, s.path.loss_pct))
         resolved = {f"rule{i}": resolve_match(plan, r.match) for i, r in enumerate(s.rules)}
-        topo.firewall(firewall.ruleset(s.rules, resolved, site_addresses(plan)))
+        topo.firewall(firewall.ruleset(s.rules, resolved, sites))
         ready = {"internet": workdir / "internet.ready", "router": workdir / "router.ready"}
         net_cfg = internet_config(plan, certs, ready["internet"])
         procs["internet"] = _start(topo, topo.net, "probe.lab.internet", net_cfg, workdir)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from probe.catalog import CatalogError, parse_catalog
-from probe.tomltable import TableReader
+from probe.tomltable import TableReader, to_toml
 from schema.model import (
     BLOCKING_KINDS,
     FAILURES,
@@ -83,9 +83,6 @@ class Expectation:
     blocking: str | None = None
     accessible: str | None = None
     service_status: tuple[str, ...] = ()
-
-    def label(self) -> str:
-        return f"{self.service}/{self.target or '*'} {self.step or 'verdict'}"
 
 
 @dataclass(frozen=True)
@@ -241,7 +238,7 @@ def parse_scenario(text: str, origin: str) -> Scenario:
     if doc.get("target"):
         catalog = {"format": 1, "service": {"name": SCENARIO_SERVICE}, "target": doc["target"]}
         try:
-            targets = parse_catalog(_to_toml(catalog), origin).targets
+            targets = parse_catalog(to_toml(catalog), origin).targets
         except CatalogError as exc:
             raise ScenarioError(str(exc)) from exc
     expect_keys = {"service", "target", "step", "failure", "operation", "status", "body_contains",
@@ -289,42 +286,6 @@ def _check_references(s: Scenario) -> None:
             raise ScenarioError(
                 f"{s.origin}: expect[{i}].target: {e.service} has no target {e.target!r}"
             )
-
-
-def _to_toml(doc: dict[str, Any]) -> str:
-    """Just enough TOML writing for catalogs (strings, numbers, booleans, lists, tables)."""
-    import json
-
-    def value(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, int | float):
-            return repr(v)
-        if isinstance(v, str):
-            return json.dumps(v)
-        if isinstance(v, list | tuple):
-            return "[" + ", ".join(value(x) for x in v) + "]"
-        if isinstance(v, dict):
-            return "{ " + ", ".join(f"{k} = {value(x)}" for k, x in v.items()) + " }"
-        if hasattr(v, "isoformat"):
-            return str(v.isoformat())
-        raise TypeError(f"cannot write {type(v).__name__} as TOML")
-
-    lines: list[str] = []
-    for key, v in doc.items():
-        if not isinstance(v, dict | list) or (
-            isinstance(v, list) and not any(isinstance(x, dict) for x in v)
-        ):
-            lines.append(f"{key} = {value(v)}")
-    for key, v in doc.items():
-        if isinstance(v, dict):
-            lines.append(f"\n[{key}]")
-            lines += [f"{k} = {value(x)}" for k, x in v.items()]
-        elif isinstance(v, list) and any(isinstance(x, dict) for x in v):
-            for item in v:
-                lines.append(f"\n[[{key}]]")
-                lines += [f"{k} = {value(x)}" for k, x in item.items()]
-    return "\n".join(lines) + "\n"
 
 
 def load_scenario(path: Path) -> Scenario:

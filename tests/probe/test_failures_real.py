@@ -209,7 +209,11 @@ def test_handshake_interference(ctx: EngineContext, mode: str, failure: str) -> 
     assert (h.purpose, h.failure, h.failed_operation) == ("target", failure, "tls_handshake")
     # The SNI A/B test: the same address again with a harmless name. This server
     # misbehaves whatever the name, so the control fails the same way.
-    assert (control.purpose, control.server_name, control.failure) == ("control_sni", "example.com", failure)
+    assert (control.purpose, control.server_name, control.failure) == (
+        "control_sni",
+        "example.com",
+        failure,
+    )
     assert len(m.tcp_connect) == 1  # the control's connect is not a target connect
 
 

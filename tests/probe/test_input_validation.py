@@ -12,6 +12,7 @@ from probe.catalog import CatalogError, load_file, parse_catalog
 from probe.config import ConfigError, load_config
 from probe.lab.scenario import ScenarioError, parse_scenario
 from probe.tomltable import TableReader
+from tests.lab.test_scenario import GOOD as SCENARIO
 
 DEEP = "x = " + "[" * 5000 + "]" * 5000 + "\n"
 
@@ -44,20 +45,6 @@ def test_a_sane_number_is_read() -> None:
     assert _reader({"n": 3}).number("n", 0) == 3.0
     assert _reader({}).number("n", 2.5) == 2.5
 
-
-SCENARIO = """
-name = "x"
-services = ["signal"]
-[[rule]]
-kind = "tls"
-match = ["*.signal.org"]
-action = "reset"
-[[expect]]
-service = "signal"
-target = "chat"
-step = "tls"
-failure = "connection_reset"
-"""
 
 THROTTLE = '\n[[rule]]\nkind = "throttle"\nmatch = ["chat.signal.org"]\nrate = {}\n'
 SITE = '\n[[site]]\nname = "a.example"\n{} = {}\n'

@@ -125,7 +125,10 @@ def test_echoed_address_is_scrubbed_from_a_real_fetch(echo: EchoServer, ctx) -> 
         ).encode()
     )
     # The hash and length describe what the server sent; the annotation says so.
-    assert (last.body_sha256, last.body_length) == (None, length)  # the hash would give the address back
+    assert (last.body_sha256, last.body_length) == (
+        None,
+        length,
+    )  # the hash would give the address back
     assert sha == hashlib.sha256(body).hexdigest() != hashlib.sha256(last.body).hexdigest()
     assert clean.annotations[ANNOTATION] == "true"
     # The input is untouched.
