@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import ipaddress
 import json
 import os
@@ -49,6 +50,18 @@ EX_DATAERR = 65
 EX_IOERR = 74
 EX_CONFIG = 78
 EX_INTERRUPTED = 130
+
+#: The probe's other commands, each module named after its role. A module's
+#: ``add_parser(sub)`` adds its sub-commands and sets ``config_handler=fn(args, cfg)``
+#: (and optionally ``overrides=fn(args) -> {"section.key": value}``): ``main`` then
+#: merges the config and turns configuration, catalog and database errors into their
+#: exit codes for it.
+COMMAND_MODULES: tuple[str, ...] = (
+    "probe.daemon.commands",  # daemon, consent, status
+    "probe.doctor",  # doctor
+    "probe.outbox.commands",  # enroll, upload
+    "probe.export.commands",  # export
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -115,6 +128,12 @@ def _parser() -> argparse.ArgumentParser:
     targets = sub.add_parser("targets", help="list the services and targets of the catalog")
     catalog_args(targets)
     lab_cli.add_parser(sub)
+    for name in COMMAND_MODULES:
+        try:  # TRANSITIONAL: removed once every module exists
+            module = importlib.import_module(name)
+        except ModuleNotFoundError:
+            continue
+        module.add_parser(sub)
     # Commands from other installed parts of Vantage (the collector's `control`),
     # found by name so the probe never imports them.
     for entry in entry_points(group="vantage.commands"):
@@ -316,9 +335,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         config_path = args.config or (
             Path(os.environ["VANTAGE_CONFIG"]) if "VANTAGE_CONFIG" in os.environ else None
         )
-        cfg = load_config(
-            config_path, env=os.environ, overrides=_overrides(args) if args.command == "run" else {}
-        )
+        if args.command == "run":
+            overrides = _overrides(args)
+        elif hasattr(args, "overrides"):
+            overrides = args.overrides(args)
+        else:
+            overrides = {}
+        cfg = load_config(config_path, env=os.environ, overrides=overrides)
+        if hasattr(args, "config_handler"):
+            return int(args.config_handler(args, cfg))
         if args.command == "run":
             return cmd_run(args, cfg)
         return cmd_targets(args)

@@ -41,7 +41,10 @@ class VantageSection:
     asn: int = 0
     cc: str = "ZZ"
     network_name: str = ""
-    network_type: str = ""  # wifi | ethernet | mobile | ""
+    network_type: str = ""  # wifi | ethernet | mobile | "" (= from the default route)
+    asn_db: str = ""  # MaxMind-format .mmdb with ASN and network name (DB-IP lite ASN)
+    country_db: str = ""  # MaxMind-format .mmdb with the country (DB-IP lite country)
+    resolver_whoami: str = "whoami.v4.powerdns.org"  # "" = do not look the resolver up
 
 
 @dataclass(frozen=True)
@@ -74,12 +77,58 @@ class ControlSection:
 
 
 @dataclass(frozen=True)
+class DaemonSection:
+    stop_timeout: float = 20.0  # SIGTERM: seconds to finish what is in flight, then cancel
+    residual_gap: float = 180.0  # no endpoint is re-tested sooner (residual blocking)
+    coalesce: bool = True  # missed runs (probe off, asleep) become one run, reported
+
+
+@dataclass(frozen=True)
+class SuiteSection:
+    """One ``[suites.NAME]`` table: services run together on one schedule."""
+
+    name: str = "messaging"
+    services: tuple[str, ...] = ()  # () = every service of the catalog
+    interval: float = 3600.0  # seconds between runs, on average
+    jitter: float = 0.25  # each gap is interval * (1 +- jitter), uniformly at random
+    spacing: str = "jitter"  # jitter | exponential (memoryless gaps with mean interval)
+
+
+@dataclass(frozen=True)
+class PrivacySection:
+    consent: bool = False  # accept the risk notice without `vantage consent` (fleets)
+    store_ip: bool = False  # store the probe's public IP with its vantage point
+
+
+@dataclass(frozen=True)
+class RetentionSection:
+    days: int = 90  # measurements older than this are pruned; 0 keeps everything
+    min_free_mb: int = 256  # measuring pauses when the data disk has less free space
+
+
+@dataclass(frozen=True)
+class CollectorSection:
+    url: str = ""  # the collector to upload to; `vantage enroll` sets it
+    timeout: float = 30.0
+    batch_size: int = 500  # measurements per upload request
+    interval: float = 300.0  # seconds between uploads of the outbox
+    max_backoff: float = 3600.0  # longest wait after failed uploads
+    ca_bundle: str = ""  # extra CA (PEM) to trust for the collector's certificate
+
+
+@dataclass(frozen=True)
 class Config:
     probe: ProbeSection = field(default_factory=ProbeSection)
     vantage: VantageSection = field(default_factory=VantageSection)
     dns: DNSSection = field(default_factory=DNSSection)
     engine: EngineSection = field(default_factory=EngineSection)
     control: ControlSection = field(default_factory=ControlSection)
+    daemon: DaemonSection = field(default_factory=DaemonSection)
+    privacy: PrivacySection = field(default_factory=PrivacySection)
+    retention: RetentionSection = field(default_factory=RetentionSection)
+    collector: CollectorSection = field(default_factory=CollectorSection)
+    #: The daemon's schedule; one suite of every service, hourly, by default.
+    suites: tuple[SuiteSection, ...] = (SuiteSection(),)
 
     def data_dir(self) -> Path:
         if self.probe.data_dir:
@@ -97,7 +146,13 @@ _SECTIONS: dict[str, type] = {
     "dns": DNSSection,
     "engine": EngineSection,
     "control": ControlSection,
+    "daemon": DaemonSection,
+    "privacy": PrivacySection,
+    "retention": RetentionSection,
+    "collector": CollectorSection,
 }
+SUITES = "suites"  # [suites.NAME] tables (file only)
+SUITE_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_")
 
 
 def _coerce(key: str, value: Any, kind: Any, *, from_text: bool) -> Any:
@@ -193,6 +248,7 @@ def load_config(
     ``{"engine.concurrency": 4}`` from command-line flags.
     """
     sections: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
+    suites: tuple[SuiteSection, ...] = Config().suites
     if path is None:
         path = next((p for p in DEFAULT_CONFIG_PATHS if p.is_file()), None)
     elif not path.is_file():
@@ -209,6 +265,9 @@ def load_config(
         for section, table in doc.items():
             if not isinstance(table, dict):
                 raise ConfigError(f"{path}: {section}: expected a [section] table")
+            if section == SUITES:
+                suites = _suites(table, str(path))
+                continue
             if section not in _SECTIONS:
                 known = ", ".join(_SECTIONS)
                 raise ConfigError(f"{path}: unknown section [{section}] (known: {known})")
@@ -224,9 +283,32 @@ def load_config(
     for dotted, value in (overrides or {}).items():
         section, _, key = dotted.partition(".")
         _apply(sections, section, key, value, "command line", from_text=True)
-    cfg = Config(**{name: _SECTIONS[name](**values) for name, values in sections.items()})
+    cfg = Config(
+        **{name: _SECTIONS[name](**values) for name, values in sections.items()}, suites=suites
+    )
     _validate(cfg)
     return cfg
+
+
+def _suites(doc: dict[str, Any], origin: str) -> tuple[SuiteSection, ...]:
+    """The ``[suites.NAME]`` tables; none at all keeps the default suite."""
+    fields = {f.name: f.type for f in dataclasses.fields(SuiteSection) if f.name != "name"}
+    out = []
+    for name, table in doc.items():
+        where = f"{origin}: suites.{name}"
+        if not name or not set(name) <= SUITE_NAME_CHARS or len(name) > 64:
+            raise ConfigError(f"{where}: a suite name is 1-64 of a-z, 0-9, - and _")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: expected a [suites.{name}] table")
+        values: dict[str, Any] = {}
+        for key, value in table.items():
+            if key not in fields:
+                raise ConfigError(f"{where}: unknown key {key} (known: {', '.join(fields)})")
+            values[key] = _coerce(f"{where}.{key}", value, fields[key], from_text=False)
+        out.append(SuiteSection(name=name, **values))
+    if not out:
+        raise ConfigError(f"{origin}: [suites] has no suite")
+    return tuple(out)
 
 
 def _validate(cfg: Config) -> None:
@@ -254,3 +336,30 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"control.url: an http:// or https:// URL, got {cfg.control.url!r}")
     if v.network_type not in ("", "wifi", "ethernet", "mobile"):
         raise ConfigError(f"vantage.network_type: wifi, ethernet or mobile, got {v.network_type!r}")
+    d = cfg.daemon
+    for name in ("stop_timeout", "residual_gap"):
+        value = getattr(d, name)
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"daemon.{name}: must not be negative, got {value}")
+    for suite in cfg.suites:
+        where = f"suites.{suite.name}"
+        if not suite.interval > 0:
+            raise ConfigError(f"{where}.interval: must be positive, got {suite.interval}")
+        if not 0 <= suite.jitter < 1:
+            raise ConfigError(f"{where}.jitter: must be at least 0 and below 1, got {suite.jitter}")
+        if suite.spacing not in ("jitter", "exponential"):
+            raise ConfigError(f"{where}.spacing: jitter or exponential, got {suite.spacing!r}")
+    r = cfg.retention
+    if r.days < 0:
+        raise ConfigError(f"retention.days: must not be negative (0 keeps all), got {r.days}")
+    if r.min_free_mb < 0:
+        raise ConfigError(f"retention.min_free_mb: must not be negative, got {r.min_free_mb}")
+    c = cfg.collector
+    if c.url and not c.url.startswith(("http://", "https://")):
+        raise ConfigError(f"collector.url: an http:// or https:// URL, got {c.url!r}")
+    for name in ("timeout", "interval", "max_backoff"):
+        value = getattr(c, name)
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"collector.{name}: must be positive, got {value}")
+    if not 1 <= c.batch_size <= 10_000:
+        raise ConfigError(f"collector.batch_size: must be 1 to 10000, got {c.batch_size}")

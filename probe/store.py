@@ -90,16 +90,19 @@ def vantage_fingerprint(v: VantagePoint) -> str:
 class Store:
     """Reads and writes measurements. The caller owns the engine's lifetime."""
 
-    def __init__(self, engine: sa.Engine) -> None:
+    def __init__(self, engine: sa.Engine, *, outbox: bool = True) -> None:
         self.engine = engine
+        self.outbox = outbox
         self._vantage_ids: dict[str, int] = {}
 
     @classmethod
-    def open(cls, url: str, *, busy_timeout: float = 10.0) -> Store:
+    def open(cls, url: str, *, busy_timeout: float = 10.0, outbox: bool = True) -> Store:
         """Open (creating if needed) and migrate the database at ``url``.
 
         ``busy_timeout``: how long SQLite waits for another writer's lock (seconds)
-        before a write fails with :class:`StoreError`.
+        before a write fails with :class:`StoreError`. ``outbox``: queue every
+        measurement written for upload, in the same transaction (the probe does; the
+        collector, which receives them, does not).
         """
         try:
             sa_url = sa.make_url(url)
@@ -110,7 +113,7 @@ class Store:
         engine = sa.create_engine(sa_url)
         if engine.dialect.name == "sqlite":
             sa.event.listen(engine, "connect", _sqlite_on_connect(busy_timeout))
-        store = cls(engine)
+        store = cls(engine, outbox=outbox)
         try:
             store._migrate()
         except sa.exc.SQLAlchemyError as exc:
@@ -240,6 +243,12 @@ class Store:
             conn.execute(tables.measurements.insert(), m_rows)
             if o_rows:
                 conn.execute(tables.observations.insert(), o_rows)
+            if self.outbox:
+                now = dt.datetime.now(dt.UTC)
+                conn.execute(
+                    tables.outbox.insert(),
+                    [{"measurement_uid": r["measurement_uid"], "queued_at": now} for r in m_rows],
+                )
 
     # -- reading ---------------------------------------------------------------
 

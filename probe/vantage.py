@@ -11,6 +11,7 @@ import os
 import platform
 import sys
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 from probe import __version__
@@ -51,3 +52,19 @@ def vantage_point(cfg: Config, resolver_ip: str | None) -> VantagePoint:
         network_type=v.network_type or None,
         resolver_ip=resolver_ip,
     )
+
+
+@dataclass(frozen=True)
+class Discovered:
+    """The vantage point, and addresses of the probe that MUST be scrubbed from every
+    measurement (its public IP, once learnt, unless the volunteer opted in)."""
+
+    vantage: VantagePoint
+    scrub: frozenset[str] = frozenset()
+
+
+def discover(cfg: Config, system_resolver: str | None) -> Discovered:
+    """Find the vantage point (blocking: call it in a worker thread from asyncio).
+
+    For now from the configuration only; lookup comes with issue 5."""
+    return Discovered(vantage_point(cfg, system_resolver))

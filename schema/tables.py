@@ -126,3 +126,19 @@ observations = sa.Table(
     sa.Column("data", JSONType, nullable=False),
     sa.UniqueConstraint("measurement_uid", "kind", "seq", name="uq_observation_seq"),
 )
+
+#: The probe's outbox: every stored measurement waits here until the collector has
+#: acknowledged it (then its row goes; the measurement itself stays until retention).
+outbox = sa.Table(
+    "outbox",
+    metadata,
+    sa.Column(
+        "measurement_uid",
+        sa.String(36),
+        sa.ForeignKey("measurements.measurement_uid", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    sa.Column("queued_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("last_error", sa.Text),
+)

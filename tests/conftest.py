@@ -98,3 +98,6 @@ def http_target(url: str, **kw: Any) -> Target:
 @pytest.fixture
 def data_dir(tmp_path: Path) -> Path:
     return tmp_path / "data"
+
+
+from tests.fixtures.postgres import pg_url  # noqa: E402,F401  (a fixture for every test)
