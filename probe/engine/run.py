@@ -53,6 +53,8 @@ class Run:
         self.run_id = run_id or str(uuid.uuid4())
         self.status = "complete"
         self._stopping = False
+        self._draining = False
+        self._drain_reason = "interrupted"
         self._in_flight: set[asyncio.Task[Measurement]] = set()
         self._on_stop: list[Callable[[], None]] = []
 
@@ -70,6 +72,13 @@ class Run:
             task.cancel()
         for callback in self._on_stop:
             callback()
+
+    def drain(self, reason: str = "interrupted") -> None:
+        """Start no more targets; those in flight finish (:meth:`stop` still cancels
+        them). A daemon told to stop drains first, then stops after its grace time.
+        The run ends ``reason`` if targets were left unmeasured, else complete."""
+        if not self._draining:
+            self._draining, self._drain_reason = True, reason
 
     async def execute(
         self, on_measurement: Sink, on_start: Callable[[Target], None] | None = None
@@ -91,7 +100,7 @@ class Run:
         async def worker() -> None:
             nonlocal measured, unstarted
             me = asyncio.current_task()
-            while not self._stopping:
+            while not self._stopping and not self._draining:
                 try:
                     target = queue.get_nowait()
                 except asyncio.QueueEmpty:
@@ -134,4 +143,7 @@ class Run:
                 timer.cancel()
             if doh_client is not None:
                 await doh_client.aclose()
-        return RunOutcome(self.run_id, self.status, measured, queue.qsize() + unstarted)
+        skipped = queue.qsize() + unstarted
+        if self._draining and skipped and self.status == "complete":
+            self.status = self._drain_reason
+        return RunOutcome(self.run_id, self.status, measured, skipped)
