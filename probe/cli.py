@@ -5,8 +5,8 @@
     vantage --version
 
 Exit codes: 0 done; 4 the run hit its deadline (what finished is stored);
-65 bad catalog; 74 database error; 78 bad configuration; 130 interrupted (Ctrl-C,
-what finished is stored).
+65 bad catalog; 74 database error; 77 no consent recorded (`vantage consent`);
+78 bad configuration; 130 interrupted (Ctrl-C, what finished is stored).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
-import ipaddress
 import json
 import os
 import signal
@@ -22,32 +21,22 @@ import sys
 from collections.abc import Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any
-
-import sqlalchemy as sa
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from typing import TYPE_CHECKING, Any
 
 from probe import __version__
-from probe.analysis import Decision, ServiceStatus, decide, service_status
-from probe.catalog import CatalogError, load_catalog, select
 from probe.config import Config, ConfigError, load_config
-from probe.engine.context import EngineContext, Timeouts
-from probe.engine.dns import ResolverSpec, ResolverSpecError, system_resolvers
-from probe.engine.run import Run
-from probe.lab import cli as lab_cli
-from probe.output import print_plain, print_services, print_table, services_plain
-from probe.privacy import local_addresses, scrub
-from probe.store import BatchWriter, Store, StoreError
-from probe.vantage import vantage_point
-from probe.verdicts import Analyser
-from schema import wire
-from schema.model import Measurement, Service
+
+if TYPE_CHECKING:
+    from probe.measuring import RunOptions, RunResult, SuiteRun
+    from schema.model import Service
+
+# Heavy modules (rich, the engine, the store, the lab) are imported where they are
+# used: `vantage daemon` stays within its memory budget on a Raspberry Pi.
 
 EX_DEADLINE = 4
 EX_DATAERR = 65
 EX_IOERR = 74
+EX_NOPERM = 77  # no informed consent recorded (`vantage consent`)
 EX_CONFIG = 78
 EX_INTERRUPTED = 130
 
@@ -64,7 +53,28 @@ COMMAND_MODULES: tuple[str, ...] = (
 )
 
 
-def _parser() -> argparse.ArgumentParser:
+#: Commands parsed with only their own module: the other commands' modules (and what
+#: they import) never load into the daemon's memory, and `status` starts fast.
+LEAN_COMMANDS: dict[str, str] = {
+    "daemon": "probe.daemon.commands",
+    "status": "probe.daemon.commands",
+    "consent": "probe.daemon.commands",
+}
+
+
+def _command(argv: Sequence[str] | None) -> str | None:
+    """The sub-command named in ``argv`` (without parsing the rest)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    pre.add_argument("command", nargs="?")
+    try:
+        known, _ = pre.parse_known_args(argv)
+    except SystemExit:  # let the real parser report the error
+        return None
+    return known.command
+
+
+def _parser(lean: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="vantage",
         description="Measure whether messaging services are reachable, and keep the evidence.",
@@ -74,6 +84,9 @@ def _parser() -> argparse.ArgumentParser:
         "--config", type=Path, help="config file (default /etc/vantage/vantage.toml if present)"
     )
     sub = p.add_subparsers(dest="command", required=True)
+    if lean is not None:
+        importlib.import_module(LEAN_COMMANDS[lean]).add_parser(sub)
+        return p
 
     def catalog_args(sp: argparse.ArgumentParser) -> None:
         sp.add_argument(
@@ -127,6 +140,8 @@ def _parser() -> argparse.ArgumentParser:
 
     targets = sub.add_parser("targets", help="list the services and targets of the catalog")
     catalog_args(targets)
+    from probe.lab import cli as lab_cli
+
     lab_cli.add_parser(sub)
     for name in COMMAND_MODULES:
         try:  # TRANSITIONAL: removed once every module exists
@@ -154,133 +169,79 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _services(args: argparse.Namespace) -> list[Service]:
+    from probe.catalog import load_catalog, select
+
     return select(load_catalog(args.targets, builtin=not args.no_builtin), args.service)
 
 
-def _build_context(cfg: Config, args: argparse.Namespace) -> tuple[EngineContext, str | None]:
-    resolvers: list[ResolverSpec] = []
-    if cfg.dns.system:
-        resolvers += system_resolvers(cfg.dns.resolv_conf)[:1]  # the primary, as a stub uses it
-    resolvers += [ResolverSpec.parse(s) for s in (*cfg.dns.resolvers, *args.resolver)]
-    if not resolvers:
-        raise ConfigError("dns: no resolver to query (the system has none and none is configured)")
-    ranges = []
-    for text in (*cfg.engine.public_ranges, *args.public_range):
-        try:
-            ranges.append(ipaddress.ip_network(text, strict=False))
-        except ValueError as exc:
-            raise ConfigError(f"engine.public_ranges: not a network: {text!r}") from exc
-    cas = (*cfg.engine.ca_bundle, *args.ca_bundle)
-    for ca in cas:
-        if not Path(ca).is_file():
-            raise ConfigError(f"engine.ca_bundle: no such file: {ca}")
-    e = cfg.engine
-    ctx = EngineContext(
-        resolvers=resolvers,
-        timeouts=Timeouts(
-            dns=e.dns_timeout, tcp=e.tcp_timeout, tls=e.tls_timeout, http=e.http_timeout
-        ),
-        ca_files=tuple(cas),
-        system_cas=e.system_cas,
-        public_ranges=tuple(ranges),
-        max_addresses=e.max_addresses,
-        control_sni=e.control_sni or None,
+def _run_options(args: argparse.Namespace) -> RunOptions:
+    from probe.measuring import RunOptions
+
+    return RunOptions(resolvers=tuple(args.resolver), ca_bundle=tuple(args.ca_bundle),
+                      public_ranges=tuple(args.public_range))  # fmt: skip
+
+
+async def _measure(suite_run: SuiteRun) -> RunResult:
+    """The run, stopped by Ctrl-C or SIGTERM (what is in flight is kept, interrupted)."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, suite_run.stop, "interrupted")
+    try:
+        return await suite_run.execute()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
     )
-    system = next((r.address for r in resolvers if r.system), None)
-    return ctx, system
 
+    from probe.daemon.consent import has_consent, refusal
+    from probe.measuring import SuiteRun, build_context, targets_of
+    from probe.output import print_plain, print_services, print_table, services_plain
+    from probe.store import Store
+    from schema import wire
+    from schema.model import Measurement
 
-async def _measure(
-    run: Run,
-    store: Store,
-    suite: str,
-    as_json: bool,
-    progress: Progress | None,
-    analyser: Analyser,
-) -> list[Measurement]:
-    done: list[Measurement] = []
-    task = progress.add_task("measuring", total=len(run.targets)) if progress else None
+    if not has_consent(cfg):
+        print(refusal(cfg), file=sys.stderr)
+        return EX_NOPERM
+    services = _services(args)
+    ctx, system_resolver = build_context(cfg, _run_options(args))
+    store = Store.open(cfg.db_url())
+    err = Console(stderr=True)
+    progress = None
+    if err.is_terminal:
+        progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), console=err, transient=True)  # fmt: skip
+    task = progress.add_task("measuring", total=len(targets_of(services))) if progress else None
 
-    async def stored(m: Measurement) -> None:
-        done.append(m)
-        if as_json:
+    def stored(m: Measurement) -> None:
+        if args.json:
             sys.stdout.write(wire.dumps(m) + "\n")
             sys.stdout.flush()
         if progress is not None and task is not None:
             progress.advance(task)
 
-    writer = BatchWriter(store, stored)
-    own = frozenset(await asyncio.to_thread(local_addresses))  # once per run: never stored
-
-    async def finished(m: Measurement) -> None:
-        m = scrub(m, own)
-        try:
-            await analyser.analyse(m)  # judged before it is written, written before shown
-        finally:
-            await writer.add(m)  # a measurement is kept even if judging it failed
-
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, run.stop, "interrupted")
-    run.on_stop(analyser.stop)
-    started = run.ctx.now_utc()
-    await asyncio.to_thread(store.begin_run, run.run_id, suite, run.vantage, started)
-    try:
-        await run.execute(finished, analyser.start)
-    finally:
-        analyser.stop()
-        await analyser.aclose()
-        await writer.flush()
-        await asyncio.to_thread(store.finish_run, run.run_id, run.status, run.ctx.now_utc())
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
-    return done
-
-
-def _services_and_events(
-    store: Store,
-    run: Run,
-    services: list[Service],
-    done: list[Measurement],
-    is_offline: bool | None,
-) -> list[ServiceStatus]:
-    """Each service's status in this run, stored; blocking events started or ended."""
-    statuses = [service_status(s.name, done, is_offline) for s in services if not s.control]
-    store.write_service_statuses(run.run_id, statuses)
-    for status in statuses:
-        history = store.service_history(run.vantage.probe_id, status.service)
-        is_open = store.open_event(run.vantage.probe_id, status.service) is not None
-        decision = decide(history, is_open) if not is_offline else Decision("none")
-        store.apply_decision(run.vantage, status.service, decision)
-    return statuses
-
-
-def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
-    services = _services(args)
-    ctx, system_resolver = _build_context(cfg, args)
-    # Control targets first: the other verdicts wait for them.
-    targets = sorted((t for s in services for t in s.targets), key=lambda t: not t.control)
-    vantage = vantage_point(cfg, system_resolver)
-    store = Store.open(cfg.db_url())
-    err = Console(stderr=True)
-    run = Run(
-        targets, vantage, ctx, concurrency=cfg.engine.concurrency, deadline=cfg.engine.run_deadline
-    )
     suite = "+".join(s.name for s in services) if len(services) < 4 else "catalog"
-    progress = None
-    if err.is_terminal:
-        progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TimeElapsedColumn(), console=err, transient=True)  # fmt: skip
-    analyser = Analyser(targets, cfg.control.url, cfg.control.token, cfg.control.timeout)
+    suite_run = SuiteRun(cfg, services, store, suite=suite, ctx=ctx,
+                         system_resolver=system_resolver, on_stored=stored)  # fmt: skip
     try:
         if progress is not None:
             with progress:
-                done = asyncio.run(_measure(run, store, suite, args.json, progress, analyser))
+                result = asyncio.run(_measure(suite_run))
         else:
-            done = asyncio.run(_measure(run, store, suite, args.json, None, analyser))
-        statuses = _services_and_events(store, run, services, done, analyser.offline)
+            result = asyncio.run(_measure(suite_run))
     finally:
         store.close()
+    done, statuses = result.measurements, result.statuses
     out = Console()
     if not args.json and out.is_terminal:
         print_table(done, out)
@@ -291,18 +252,25 @@ def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
     else:
         services_plain(statuses, sys.stderr)
     summary = (
-        f"run {run.run_id}: {len(done)} of {len(targets)} targets measured ({run.status}), "
-        f"stored in {_safe_url(cfg.db_url())}"
+        f"run {result.run_id}: {len(done)} of {result.targets} targets measured "
+        f"({result.status}), stored in {_safe_url(cfg.db_url())}"
     )
     print(summary, file=sys.stderr)
-    return {"complete": 0, "deadline": EX_DEADLINE}.get(run.status, EX_INTERRUPTED)
+    return {"complete": 0, "deadline": EX_DEADLINE}.get(result.status, EX_INTERRUPTED)
 
 
 def _safe_url(url: str) -> str:
+    import sqlalchemy as sa
+
     return sa.make_url(url).render_as_string(hide_password=True)
 
 
 def cmd_targets(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from schema import wire
+
     services = _services(args)
     if args.json:
         for s in services:
@@ -325,9 +293,19 @@ def cmd_targets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is(exc: BaseException, module: str, name: str) -> bool:
+    """``isinstance(exc, module.name)``, importing nothing: an exception of a module
+    that was never imported cannot have been raised."""
+    loaded = sys.modules.get(module)
+    return loaded is not None and isinstance(exc, getattr(loaded, name))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    command = _command(argv)
+    args = _parser(command if command in LEAN_COMMANDS else None).parse_args(argv)
     if args.command == "lab":
+        from probe.lab import cli as lab_cli
+
         return lab_cli.main(args)
     if hasattr(args, "handler"):
         return int(args.handler(args))
@@ -347,16 +325,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "run":
             return cmd_run(args, cfg)
         return cmd_targets(args)
-    except (ConfigError, ResolverSpecError) as exc:
+    except ConfigError as exc:
         print(f"vantage: configuration error: {exc}", file=sys.stderr)
         return EX_CONFIG
-    except CatalogError as exc:
-        print(f"vantage: catalog error: {exc}", file=sys.stderr)
-        return EX_DATAERR
-    except StoreError as exc:
-        print(f"vantage: database error: {exc}", file=sys.stderr)
-        return EX_IOERR
     except BrokenPipeError:
         # The reader went away (`vantage run --json | head`): stop quietly.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except ValueError as exc:
+        if _is(exc, "probe.engine.dns", "ResolverSpecError"):
+            print(f"vantage: configuration error: {exc}", file=sys.stderr)
+            return EX_CONFIG
+        if _is(exc, "probe.catalog", "CatalogError"):
+            print(f"vantage: catalog error: {exc}", file=sys.stderr)
+            return EX_DATAERR
+        raise
+    except RuntimeError as exc:
+        if _is(exc, "probe.store", "StoreError"):
+            print(f"vantage: database error: {exc}", file=sys.stderr)
+            return EX_IOERR
+        raise

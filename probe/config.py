@@ -108,7 +108,7 @@ class RetentionSection:
 
 @dataclass(frozen=True)
 class CollectorSection:
-    url: str = ""  # the collector to upload to; `vantage enroll` sets it
+    url: str = ""  # overrides the URL `vantage enroll` stored in <data_dir>/collector.json
     timeout: float = 30.0
     batch_size: int = 500  # measurements per upload request
     interval: float = 300.0  # seconds between uploads of the outbox
@@ -361,5 +361,5 @@ def _validate(cfg: Config) -> None:
         value = getattr(c, name)
         if not (math.isfinite(value) and value > 0):
             raise ConfigError(f"collector.{name}: must be positive, got {value}")
-    if not 1 <= c.batch_size <= 10_000:
-        raise ConfigError(f"collector.batch_size: must be 1 to 10000, got {c.batch_size}")
+    if not 1 <= c.batch_size <= 1000:  # the collector's API takes at most 1000 per request
+        raise ConfigError(f"collector.batch_size: must be 1 to 1000, got {c.batch_size}")

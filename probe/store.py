@@ -16,23 +16,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import hashlib
 import json
+import re
 import threading
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
-from alembic import command
-from alembic.config import Config as AlembicConfig
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 
 import schema
 from probe.analysis.events import Decision, RunStatus
 from schema import tables, wire
 from schema.model import Measurement, VantagePoint
+
+if TYPE_CHECKING:  # alembic is imported only to migrate (the daemon's memory budget)
+    from alembic.config import Config as AlembicConfig
 
 MIGRATIONS = Path(schema.__file__).parent / "migrations"
 
@@ -58,9 +59,45 @@ def _failing(operation: str) -> Iterator[None]:
 
 
 def _alembic_config() -> AlembicConfig:
+    from alembic.config import Config as AlembicConfig
+
     cfg = AlembicConfig()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     return cfg
+
+
+_REVISION = re.compile(r"^revision\s*(?::\s*str)?\s*=\s*[\"']([^\"']+)[\"']\s*$", re.M)
+_DOWN_REVISION = re.compile(
+    r"^down_revision\s*(?::[^=\n]+)?=\s*(?:None|[\"']([^\"']+)[\"'])\s*$", re.M
+)
+
+
+@functools.cache
+def _script_head() -> str | None:
+    """The head revision, read from the migration files without importing alembic
+    (about 7 MB with mako and pygments); None when a file is not in the plain form
+    ``revision = "0004"`` / ``down_revision = "0003"`` (alembic then decides)."""
+    revisions: set[str] = set()
+    downs: set[str] = set()
+    for path in (MIGRATIONS / "versions").glob("*.py"):
+        text = path.read_text("utf-8")
+        revision, down = _REVISION.findall(text), _DOWN_REVISION.findall(text)
+        if len(revision) != 1 or len(down) != 1:
+            return None
+        revisions.add(revision[0])
+        if down[0]:
+            downs.add(down[0])
+    heads = revisions - downs
+    return heads.pop() if len(heads) == 1 else None
+
+
+def _at_head(conn: sa.Connection) -> bool:
+    """Whether the database is at the migrations' head (False when unsure)."""
+    head = _script_head()
+    if head is None or not sa.inspect(conn).has_table("alembic_version"):
+        return False
+    versions = conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalars().all()
+    return list(versions) == [head]
 
 
 def sqlite_url(path: Path) -> str:
@@ -84,6 +121,8 @@ def vantage_fingerprint(v: VantagePoint) -> str:
         v.probe_id, v.asn, v.cc, v.network_name, v.network_type, v.resolver_ip, v.resolver_asn,
         v.resolver_network_name, v.software_name, v.software_version, v.platform, v.architecture,
     ]  # fmt: skip
+    if v.public_ip is not None:  # only when stored (privacy.store_ip): older rows keep theirs
+        fields.append(v.public_ip)
     return hashlib.sha256(json.dumps(fields).encode()).hexdigest()
 
 
@@ -127,6 +166,13 @@ class Store:
             self._migrate()
 
     def _migrate(self) -> None:
+        with self.engine.connect() as conn:
+            if _at_head(conn):  # the usual case, decided without importing alembic
+                return
+        from alembic import command
+        from alembic.runtime.migration import MigrationContext
+        from alembic.script import ScriptDirectory
+
         cfg = _alembic_config()
         head = ScriptDirectory.from_config(cfg).get_current_head()
         with self.engine.begin() as conn:
@@ -173,6 +219,7 @@ class Store:
                     software_version=v.software_version,
                     platform=v.platform,
                     architecture=v.architecture,
+                    public_ip=v.public_ip,
                 )
             ).inserted_primary_key
             assert inserted is not None
@@ -269,19 +316,27 @@ class Store:
             resolver_asn=row.resolver_asn,
             resolver_network_name=row.resolver_network_name,
             software_name=row.software_name,
+            public_ip=row.public_ip,
         )
 
     def _to_doc(
-        self, conn: sa.Connection, row: Any, vantages: dict[int, VantagePoint]
+        self,
+        conn: sa.Connection,
+        row: Any,
+        vantages: dict[int, VantagePoint],
+        obs: Sequence[Any] | None = None,
     ) -> dict[str, Any]:
+        """``obs``: the measurement's (kind, data) observations in (kind, seq) order,
+        when the caller read them already (:meth:`documents` reads a batch's at once)."""
         if row.vantage_point_id not in vantages:
             vantages[row.vantage_point_id] = self._vantage(conn, row.vantage_point_id)
         o = tables.observations
-        obs = conn.execute(
-            sa.select(o.c.kind, o.c.data)
-            .where(o.c.measurement_uid == row.measurement_uid)
-            .order_by(o.c.kind, o.c.seq)
-        ).all()
+        if obs is None:
+            obs = conn.execute(
+                sa.select(o.c.kind, o.c.data)
+                .where(o.c.measurement_uid == row.measurement_uid)
+                .order_by(o.c.kind, o.c.seq)
+            ).all()
         by_kind: dict[str, list[Any]] = {k: [] for k in _KIND_KEYS}
         for kind, data in obs:
             by_kind[kind].append(data)
@@ -321,6 +376,27 @@ class Store:
             result = conn.execution_options(yield_per=chunk).execute(query)
             for row in result:
                 yield self._to_doc(conn, row, vantages)
+
+    def documents(self, measurement_uids: Sequence[str]) -> list[dict[str, Any]]:
+        """The wire documents of these measurements, in the order given; a uid that is
+        not stored (pruned meanwhile) is left out. Memory is that of the documents
+        asked for: the outbox uploads a large backlog one batch at a time."""
+        t = tables.measurements
+        vantages: dict[int, VantagePoint] = {}
+        query = sa.select(t).where(t.c.measurement_uid.in_(measurement_uids))
+        o = tables.observations
+        with _failing("read measurements"), self.engine.connect() as conn:
+            rows = {row.measurement_uid: row for row in conn.execute(query)}
+            # One query for the batch's observations, not one per measurement.
+            obs: dict[str, list[Any]] = {u: [] for u in rows}
+            for ob in conn.execute(
+                sa.select(o.c.measurement_uid, o.c.kind, o.c.data)
+                .where(o.c.measurement_uid.in_(list(rows)))
+                .order_by(o.c.measurement_uid, o.c.kind, o.c.seq)
+            ):
+                obs[ob.measurement_uid].append((ob.kind, ob.data))
+            return [self._to_doc(conn, rows[u], vantages, obs[u])
+                    for u in measurement_uids if u in rows]  # fmt: skip
 
     def load_measurement(self, measurement_uid: str) -> Measurement | None:
         t = tables.measurements
@@ -367,24 +443,8 @@ class Store:
             ).scalar()
 
     def apply_decision(self, vantage: VantagePoint, service: str, decision: Decision) -> None:
-        e = tables.events
         with _failing(f"record the {service} event"), self.engine.begin() as conn:
-            if decision.action == "start":
-                conn.execute(e.insert().values(
-                    probe_id=vantage.probe_id, asn=vantage.asn, cc=vantage.cc, service=service,
-                    status=decision.status, blocking=list(decision.blocking),
-                    started_at=decision.at, runs=list(decision.runs)))  # fmt: skip
-            elif decision.action == "end":
-                open_id = conn.execute(
-                    sa.select(e.c.id, e.c.runs).where(
-                        e.c.probe_id == vantage.probe_id,
-                        e.c.service == service,
-                        e.c.ended_at.is_(None),
-                    )  # fmt: skip
-                ).first()
-                if open_id is not None:
-                    conn.execute(e.update().where(e.c.id == open_id.id).values(
-                        ended_at=decision.at, runs=[*open_id.runs, *decision.runs]))  # fmt: skip
+            record_decision(conn, vantage, service, decision)
 
     def events(self, probe_id: str | None = None) -> list[dict[str, Any]]:
         e = tables.events
@@ -397,6 +457,30 @@ class Store:
     def count(self, table: sa.Table = tables.measurements) -> int:
         with _failing(f"count {table.name}"), self.engine.connect() as conn:
             return int(conn.execute(sa.select(sa.func.count()).select_from(table)).scalar() or 0)
+
+
+def record_decision(
+    conn: sa.Connection, vantage: VantagePoint, service: str, decision: Decision
+) -> None:
+    """Start or end ``service``'s blocking event of ``vantage``'s probe, on the caller's
+    transaction (the collector settles a run's statuses and events in one)."""
+    e = tables.events
+    if decision.action == "start":
+        conn.execute(e.insert().values(
+            probe_id=vantage.probe_id, asn=vantage.asn, cc=vantage.cc, service=service,
+            status=decision.status, blocking=list(decision.blocking),
+            started_at=decision.at, runs=list(decision.runs)))  # fmt: skip
+    elif decision.action == "end":
+        open_id = conn.execute(
+            sa.select(e.c.id, e.c.runs).where(
+                e.c.probe_id == vantage.probe_id,
+                e.c.service == service,
+                e.c.ended_at.is_(None),
+            )  # fmt: skip
+        ).first()
+        if open_id is not None:
+            conn.execute(e.update().where(e.c.id == open_id.id).values(
+                ended_at=decision.at, runs=[*open_id.runs, *decision.runs]))  # fmt: skip
 
 
 _KIND_KEYS = {"dns": "queries", "tcp": "tcp_connect", "tls": "tls_handshakes", "http": "requests"}

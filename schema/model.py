@@ -139,7 +139,8 @@ class Service:
 
 @dataclass(frozen=True)
 class VantagePoint:
-    """Who measured from where. The probe's own IP is deliberately absent."""
+    """Who measured from where. The probe's own IP is absent unless the volunteer
+    opted in to storing it (``public_ip``); it never goes on the wire."""
 
     probe_id: str
     software_version: str
@@ -153,6 +154,9 @@ class VantagePoint:
     resolver_asn: int = 0
     resolver_network_name: str | None = None
     software_name: str = "vantage"
+    #: Kept only when the volunteer opts in (privacy.store_ip); stored on the probe
+    #: alone: the wire format's probe_ip is always "127.0.0.1".
+    public_ip: str | None = None
 
 
 @dataclass

@@ -34,6 +34,8 @@ vantage_points = sa.Table(
     sa.Column("software_version", sa.String(32), nullable=False),
     sa.Column("platform", sa.String(64), nullable=False),
     sa.Column("architecture", sa.String(32), nullable=False),
+    # The probe's public IP: NULL unless privacy.store_ip (migration 0004).
+    sa.Column("public_ip", sa.String(64)),
 )
 
 runs = sa.Table(
@@ -141,4 +143,51 @@ outbox = sa.Table(
     sa.Column("queued_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
     sa.Column("last_error", sa.Text),
+)
+
+# -- the collector's own tables (migration 0005) ------------------------------------
+
+#: Operator-issued tokens a volunteer enrolls a probe with. Only the SHA-256 of the
+#: token is kept: the token itself is shown once, when it is created.
+enroll_tokens = sa.Table(
+    "enroll_tokens",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("token_hash", sa.String(64), nullable=False, unique=True),
+    sa.Column("label", sa.Text, nullable=False, server_default=""),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("expires_at", sa.DateTime(timezone=True)),
+    sa.Column("max_uses", sa.Integer),  # NULL: unlimited
+    sa.Column("uses", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("revoked_at", sa.DateTime(timezone=True)),
+)
+
+#: Enrolled probes: the SHA-256 of each probe's credential, and its fleet health
+#: (last contact, last upload, outbox backlog, network). Never its address.
+probes = sa.Table(
+    "probes",
+    metadata,
+    sa.Column("probe_id", sa.String(36), primary_key=True),
+    sa.Column("credential_hash", sa.String(64), nullable=False, unique=True),
+    sa.Column("token_id", sa.Integer, sa.ForeignKey("enroll_tokens.id"), nullable=False),
+    sa.Column("enrolled_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("revoked_at", sa.DateTime(timezone=True)),
+    sa.Column("last_seen_at", sa.DateTime(timezone=True)),
+    sa.Column("last_upload_at", sa.DateTime(timezone=True)),
+    sa.Column("backlog", sa.Integer),
+    sa.Column("asn", sa.Integer),
+    sa.Column("cc", sa.String(2)),
+)
+
+# -- the probe daemon's schedule (migration 0006) ------------------------------------
+
+#: APScheduler 3's job store (``SQLAlchemyJobStore``, columns as it defines them): one
+#: row per suite, its next run time and its pickled job. Kept in the probe's database
+#: so that a restart does not reset the schedule. Empty on the collector.
+daemon_jobs = sa.Table(
+    "daemon_jobs",
+    metadata,
+    sa.Column("id", sa.Unicode(191), primary_key=True),
+    sa.Column("next_run_time", sa.Float(25), index=True),
+    sa.Column("job_state", sa.LargeBinary, nullable=False),
 )

@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
+import re
 from importlib import resources
 from typing import Any
 
@@ -56,6 +57,17 @@ def json_schema() -> Doc:
     """The JSON Schema (draft 2020-12) of the wire format."""
     text = resources.files("schema").joinpath("measurement.schema.json").read_text("utf-8")
     return json.loads(text)  # type: ignore[no-any-return]
+
+
+_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9]{2}:[0-9]{2}:[0-9]{2}")
+
+
+def parse_time(value: str) -> dt.datetime:
+    """A ``TIME_FORMAT`` time (naive). Not ``strptime``: that is 40x slower and takes a
+    process-wide lock, which the collector's ingest threads then queue for."""
+    if not isinstance(value, str) or not _TIME.fullmatch(value):
+        raise ValueError(f"time data {value!r} does not match format {TIME_FORMAT!r}")
+    return dt.datetime.fromisoformat(value)
 
 
 def format_asn(asn: int) -> str:
@@ -402,7 +414,7 @@ def from_wire(d: Doc) -> Measurement:
             for k, v in (d.get("annotations") or {}).items()
             if k not in _VANTAGE_ANNOTATIONS
         }
-        start = dt.datetime.strptime(d["measurement_start_time"], TIME_FORMAT)
+        start = parse_time(d["measurement_start_time"])
         return Measurement(
             measurement_uid=d["measurement_uid"],
             run_id=d["report_id"],

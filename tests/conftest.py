@@ -100,4 +100,12 @@ def data_dir(tmp_path: Path) -> Path:
     return tmp_path / "data"
 
 
+@pytest.fixture(autouse=True)
+def _consent(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test measures with consent given (as a fleet operator's config does);
+    subprocesses inherit it. Consent tests take it away with
+    ``monkeypatch.delenv("VANTAGE_PRIVACY_CONSENT")``."""
+    monkeypatch.setenv("VANTAGE_PRIVACY_CONSENT", "true")
+
+
 from tests.fixtures.postgres import pg_url  # noqa: E402,F401  (a fixture for every test)

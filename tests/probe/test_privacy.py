@@ -253,7 +253,8 @@ def test_run_never_stores_or_prints_this_machines_addresses(tmp_path: Path) -> N
              str(catalog), "--data-dir", str(data), "--no-system-resolver", "--resolver",
              f"udp://127.0.0.1:{dns.port}", "--public-range", "127.0.0.0/8"],
             capture_output=True, text=True, cwd=ROOT, timeout=120,
-            env={k: v for k, v in os.environ.items() if not k.startswith("VANTAGE_")},
+            env={**{k: v for k, v in os.environ.items() if not k.startswith("VANTAGE_")},
+                 "VANTAGE_PRIVACY_CONSENT": "true"},
         )  # fmt: skip
         hits = list(echo.hits)
     assert proc.returncode == 0, proc.stderr
