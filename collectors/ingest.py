@@ -51,7 +51,7 @@ from starlette.requests import ClientDisconnect
 from collectors import auth
 from collectors.analysis import note_arrivals
 from collectors.ratelimit import retry_after
-from probe.store import _KIND_KEYS, _observation_rows, vantage_fingerprint
+from probe.store import KIND_KEYS, observation_rows, vantage_fingerprint
 from schema import tables, wire
 from schema.model import VantagePoint
 
@@ -313,9 +313,9 @@ def prepare(index: int, doc: Any, validate: Callable[[Any], Any], check_nul: boo
     v = m.vantage
     vp_row = {name: getattr(v, name, None) for name in _VP_FIELDS}
     _FIT_VANTAGE(vp_row)
-    o_rows = list(_observation_rows(uid, keys))
+    o_rows = list(observation_rows(uid, keys))
     for row in o_rows:
-        _FIT_OBSERVATION(row, f"test_keys.{_KIND_KEYS[row['kind']]}[{row['seq']}].")
+        _FIT_OBSERVATION(row, f"test_keys.{KIND_KEYS[row['kind']]}[{row['seq']}].")
     return Item(index, uid, run_id, m.start_time, v, _fingerprint(v), vp_row, m_row, o_rows)
 
 

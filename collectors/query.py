@@ -51,6 +51,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from starlette.datastructures import QueryParams
 
+from probe.export import filters
 from probe.store import Store
 from schema import tables
 from schema.model import BLOCKING_KINDS
@@ -114,32 +115,13 @@ def _single(params: QueryParams, allowed: Iterable[str]) -> dict[str, str]:
 
 
 def parse_time(name: str, value: str, *, end: bool = False) -> dt.datetime:
-    """An ISO 8601 date or datetime as an aware UTC datetime.
-
-    A date alone is midnight UTC; as the end of a range (``end``) it is the next
-    midnight, so the day itself is included.
-
-    >>> parse_time("until", "2024-05-01", end=True)
-    datetime.datetime(2024, 5, 2, 0, 0, tzinfo=datetime.timezone.utc)
-    """
-    text = value.strip()
-    if re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
-        try:
-            day = dt.date.fromisoformat(text)
-        except ValueError as exc:
-            raise BadParameter(name, f"not a date: {value!r} ({exc})") from None
-        if end:
-            day += dt.timedelta(days=1)
-        return dt.datetime(day.year, day.month, day.day, tzinfo=dt.UTC)
+    """An ISO 8601 date or datetime as an aware UTC datetime, read as the exporter reads
+    it (``probe.export.filters.parse_time``: a date alone is midnight UTC, or the next
+    midnight as the end of a range)."""
     try:
-        when = dt.datetime.fromisoformat(text)
-    except ValueError:
-        raise BadParameter(
-            name, f"not an ISO 8601 date or datetime: {value!r} (e.g. 2024-05-01T12:00:00Z)"
-        ) from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.UTC)
-    return when.astimezone(dt.UTC)
+        return filters.parse_time(name, value, end=end)
+    except filters.FilterError as exc:
+        raise BadParameter(name, str(exc).removeprefix(f"{name}: ")) from None
 
 
 def _text(name: str, value: str) -> str:

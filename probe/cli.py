@@ -144,11 +144,7 @@ def _parser(lean: str | None = None) -> argparse.ArgumentParser:
 
     lab_cli.add_parser(sub)
     for name in COMMAND_MODULES:
-        try:  # TRANSITIONAL: removed once every module exists
-            module = importlib.import_module(name)
-        except ModuleNotFoundError:
-            continue
-        module.add_parser(sub)
+        importlib.import_module(name).add_parser(sub)
     # Commands from other installed parts of Vantage (the collector's `control`),
     # found by name so the probe never imports them.
     for entry in entry_points(group="vantage.commands"):

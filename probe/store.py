@@ -286,7 +286,7 @@ class Store:
                         "verdict": keys["analysis"],
                     }
                 )
-                o_rows.extend(_observation_rows(m.measurement_uid, keys))
+                o_rows.extend(observation_rows(m.measurement_uid, keys))
             conn.execute(tables.measurements.insert(), m_rows)
             if o_rows:
                 conn.execute(tables.observations.insert(), o_rows)
@@ -337,7 +337,7 @@ class Store:
                 .where(o.c.measurement_uid == row.measurement_uid)
                 .order_by(o.c.kind, o.c.seq)
             ).all()
-        by_kind: dict[str, list[Any]] = {k: [] for k in _KIND_KEYS}
+        by_kind: dict[str, list[Any]] = {k: [] for k in KIND_KEYS}
         for kind, data in obs:
             by_kind[kind].append(data)
         v = vantages[row.vantage_point_id]
@@ -354,7 +354,7 @@ class Store:
         )
         doc = wire.to_wire(m)
         keys = doc["test_keys"]
-        for kind, key in _KIND_KEYS.items():
+        for kind, key in KIND_KEYS.items():
             keys[key] = by_kind[kind]
         keys["requests"] = list(reversed(by_kind["http"]))
         keys["failure"] = row.failure
@@ -483,10 +483,10 @@ def record_decision(
                 ended_at=decision.at, runs=[*open_id.runs, *decision.runs]))  # fmt: skip
 
 
-_KIND_KEYS = {"dns": "queries", "tcp": "tcp_connect", "tls": "tls_handshakes", "http": "requests"}
+KIND_KEYS = {"dns": "queries", "tcp": "tcp_connect", "tls": "tls_handshakes", "http": "requests"}
 
 
-def _observation_rows(uid: str, keys: dict[str, Any]) -> Iterator[dict[str, Any]]:
+def observation_rows(uid: str, keys: dict[str, Any]) -> Iterator[dict[str, Any]]:
     requests = list(reversed(keys["requests"]))  # store in request order
     for kind, items in (
         ("dns", keys["queries"]),
