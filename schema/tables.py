@@ -74,6 +74,8 @@ measurements = sa.Table(
     sa.Column("blocking", sa.String(16)),
     sa.Column("verdict", JSONType),
     sa.Index("ix_measurements_service_time", "service", "start_time"),
+    # The keyset order of the collector's query API and of exports.
+    sa.Index("ix_measurements_time_uid", "start_time", "measurement_uid"),
 )
 
 #: Each service's status in each run: ok | blocked | partial | down | inconclusive.

@@ -38,7 +38,8 @@ def test_an_older_database_is_still_migrated(tmp_path: Path) -> None:
     Store.open(f"sqlite:///{path}").close()
     db = sqlite3.connect(path)
     head = db.execute("SELECT version_num FROM alembic_version").fetchall()
-    db.execute("DROP TABLE daemon_jobs")  # as it was before migration 0006
+    db.execute("DROP TABLE daemon_jobs")  # as it was before migrations 0006 and 0007
+    db.execute("DROP INDEX ix_measurements_time_uid")
     db.execute("UPDATE alembic_version SET version_num = '0005'")
     db.commit()
     db.close()
@@ -46,3 +47,6 @@ def test_an_older_database_is_still_migrated(tmp_path: Path) -> None:
     db = sqlite3.connect(path)
     assert db.execute("SELECT version_num FROM alembic_version").fetchall() == head
     assert db.execute("SELECT count(*) FROM daemon_jobs").fetchone() == (0,)
+    assert db.execute(
+        "SELECT count(*) FROM sqlite_master WHERE name = 'ix_measurements_time_uid'"
+    ).fetchone() == (1,)
