@@ -634,9 +634,12 @@ def _reason(exc: sa.exc.SQLAlchemyError) -> str:
 
 def parse_backlog(value: str | None) -> int | None:
     """``X-Vantage-Backlog`` as a count, or None when absent or not a count."""
-    if value is None or not value.strip().isdigit():
+    text = "" if value is None else value.strip()
+    if not (text.isascii() and text.isdigit()):  # "²".isdigit() is true
         return None
-    n = int(value.strip())
+    if len(text) > 10:  # beyond any 32-bit count (and int() refuses 4300+ digits)
+        return INT32 - 1
+    n = int(text)
     return n if n < INT32 else INT32 - 1
 
 

@@ -108,6 +108,10 @@ def atomic_directory(path: Path, *, force: bool) -> Iterator[Path]:
     try:
         yield tmp
         os.chmod(tmp, 0o755 & ~_umask())
+        try:
+            _sync_tree(tmp)  # the files' contents reach the disk before the name does
+        except OSError as exc:
+            raise OutputError(f"cannot write {path}: {_why(exc)}", create=False) from exc
         if path.exists():  # force (checked above): keep the old one until the new is in
             old = Path(tempfile.mkdtemp(prefix=_temporary_name(path), suffix=".old", dir=parent))
             os.rename(path, old / "dataset")
@@ -117,10 +121,23 @@ def atomic_directory(path: Path, *, force: bool) -> Iterator[Path]:
             if old is not None:
                 os.rename(old / "dataset", path)
             raise OutputError(f"cannot create {path}: {_why(exc)}") from exc
+        _sync_directory(parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def _sync_tree(root: Path) -> None:
+    """fsync every file and directory below ``root`` (a dataset about to be renamed in)."""
+    for folder, _dirs, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _sync_directory(Path(folder))
 
 
 def _publish(tmp: Path, path: Path, *, force: bool) -> None:

@@ -346,6 +346,13 @@ def test_fleet_health_is_recorded(collector: Collector, probe) -> None:
     assert row["last_upload_at"] is not None and row["last_seen_at"] is not None
     post(collector, cred, [], headers={"X-Vantage-Backlog": "not a number"})
     assert auth.list_probes(collector.engine)[0]["backlog"] == 42
+    # A digit that is not ASCII ("²".isdigit() is true) and a number int() refuses.
+    superscript: Any = {"X-Vantage-Backlog": "\u00b2".encode("latin-1")}
+    assert post(collector, cred, [], headers=superscript).status_code == 200
+    assert auth.list_probes(collector.engine)[0]["backlog"] == 42
+    r = post(collector, cred, [], headers={"X-Vantage-Backlog": "9" * 5000})
+    assert r.status_code == 200
+    assert auth.list_probes(collector.engine)[0]["backlog"] == 2**31 - 1
 
 
 # -- the fast validator is the schema -----------------------------------------------------
