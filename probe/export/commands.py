@@ -202,21 +202,33 @@ def _output(args: argparse.Namespace) -> Path | None:
 
 
 @contextmanager
-def _terminate_as_exit() -> Iterator[None]:
-    """SIGTERM unwinds like Ctrl-C, so the temporary output is removed."""
+def _interruptible() -> Iterator[Callable[[], None]]:
+    """SIGINT and SIGTERM stop the export between chunks, so the temporary output is
+    removed. The handler only records the signal: an exception raised from it could land
+    in a finaliser or weakref callback, where Python prints it and carries on. The
+    ``check`` it yields raises :class:`KeyboardInterrupt` once a signal came; a second
+    signal raises at once (a stuck read)."""
+    came: list[int] = []
 
     def stop(signum: int, _frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
+        if came:
+            raise KeyboardInterrupt
+        came.append(signum)
+
+    def check() -> None:
+        if came:
+            raise KeyboardInterrupt
 
     try:
-        previous = signal.signal(signal.SIGTERM, stop)
+        previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     except ValueError:  # not the main thread: leave signals alone
-        yield
+        yield check
         return
     try:
-        yield
+        yield check
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 @contextmanager
@@ -318,7 +330,13 @@ def _run(
             pseudonym = Pseudonymizer.from_key_file(key_file)
             export.reader.probe_id = pseudonym
         started = time.monotonic()
-        with _terminate_as_exit(), _progress(total) as progress:
+        with _interruptible() as check, _progress(total) as bar:
+
+            def progress(n: int) -> None:  # after each chunk
+                check()
+                if bar is not None:
+                    bar(n)
+
             if partition:
                 assert path is not None
                 with atomic_directory(path, force=args.force) as tmp:
