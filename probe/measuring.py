@@ -4,11 +4,13 @@
 taken, scrubbed, judged and written the same way whoever asked for it:
 
 1. the vantage point is discovered (``probe.vantage.discover``, in a worker thread:
-   it may look things up), and the addresses to scrub are this machine's own
-   (``local_addresses``) plus what discovery learnt (the public IP);
+   it may look things up);
 2. the engine measures the targets, control targets first;
-3. each measurement is scrubbed, judged (``probe.verdicts.Analyser``) and handed to a
-   :class:`~probe.store.BatchWriter`, which reports it only once it is committed;
+3. each measurement is judged (``probe.verdicts.Analyser``), scrubbed
+   (``probe.privacy.Scrub``, with every own address known: the machine's, those learnt
+   before, the public IP) and handed to a :class:`~probe.store.BatchWriter`, which
+   reports it only once it is committed. A run that starts while no other holds the
+   data directory's run lock marks runs left ``running`` (killed) as interrupted;
 4. each service's status in the run is stored and blocking events start or end.
 
 >>> result = await SuiteRun(cfg, services, store, suite="messaging").execute()
@@ -23,11 +25,12 @@ in flight: those measurements are kept, marked interrupted) or :meth:`SuiteRun.d
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import ipaddress
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 from probe.config import Config, ConfigError
 
@@ -169,15 +172,18 @@ class SuiteRun:
 
     async def execute(self) -> RunResult:
         from probe.engine.run import Run
-        from probe.privacy import local_addresses, scrub
+        from probe.privacy import OwnAddresses, Scrub, own_addresses, scrub_key
         from probe.store import BatchWriter
         from probe.vantage import discover
         from probe.verdicts import Analyser
 
         cfg = self.cfg
         discovered = await asyncio.to_thread(discover, cfg, self.system_resolver)
-        # Once per run: this machine's addresses and what discovery learnt are never stored.
-        own = frozenset(await asyncio.to_thread(local_addresses)) | frozenset(discovered.scrub)
+        # Once per run: this machine's addresses, those learnt before and what discovery
+        # learnt are never stored (and every path out of the store scrubs again).
+        data_dir = cfg.data_dir()
+        own = await asyncio.to_thread(own_addresses, data_dir, discovered.scrub)
+        scrubber = Scrub(own, await asyncio.to_thread(scrub_key, data_dir))
         run = Run(self.targets, discovered.vantage, self.ctx, concurrency=cfg.engine.concurrency,
                   deadline=cfg.engine.run_deadline)  # fmt: skip
         analyser = Analyser(self.targets, cfg.control.url, cfg.control.token, cfg.control.timeout)
@@ -195,11 +201,12 @@ class SuiteRun:
                              max_delay=self.max_delay)  # fmt: skip
 
         async def finished(m: Measurement) -> None:
-            m = scrub(m, own)
             try:
                 await analyser.analyse(m)  # judged before it is written, written before shown
             finally:
-                await writer.add(m)  # a measurement is kept even if judging it failed
+                # Scrubbed after judging (the verdict's reasons quote what was seen), and
+                # kept even if judging failed.
+                await writer.add(scrubber.measurement(m))
 
         def starting(target: Target) -> None:
             if target.control:
@@ -212,21 +219,71 @@ class SuiteRun:
             run.stop(self._stop_reason)
         elif self._drain_reason is not None:
             self.drain(self._drain_reason)
-        started = run.ctx.now_utc()
-        await asyncio.to_thread(self.store.begin_run, run.run_id, self.suite, run.vantage, started)
+        lock = await asyncio.to_thread(RunLock.acquire, data_dir)
         try:
-            await run.execute(finished, starting)
+            if lock.alone:
+                # No other run holds the lock: a run still marked running was killed
+                # (a power cut, SIGKILL) and is marked interrupted.
+                await asyncio.to_thread(self.store.interrupt_stale_runs,
+                                        run.vantage.probe_id, run.ctx.now_utc())  # fmt: skip
+                await asyncio.to_thread(lock.share)
+            started = run.ctx.now_utc()
+            await asyncio.to_thread(self.store.begin_run, run.run_id, self.suite, run.vantage,
+                                    started)  # fmt: skip
+            if not discovered.public_known:
+                await asyncio.to_thread(OwnAddresses(data_dir).unsure, run.run_id)
+            try:
+                await run.execute(finished, starting)
+            finally:
+                analyser.stop()
+                await analyser.aclose()
+                await writer.flush()
+                await asyncio.to_thread(self.store.finish_run, run.run_id, run.status,
+                                        run.ctx.now_utc())  # fmt: skip
         finally:
-            analyser.stop()
-            await analyser.aclose()
-            await writer.flush()
-            await asyncio.to_thread(self.store.finish_run, run.run_id, run.status,
-                                    run.ctx.now_utc())  # fmt: skip
+            lock.release()
         statuses = await asyncio.to_thread(
             services_and_events, self.store, run, self.services, done, analyser.offline
         )
         return RunResult(run.run_id, self.suite, run.status, len(self.targets), done, statuses,
                          analyser.offline)  # fmt: skip
+
+
+RUN_LOCK_FILE = "runs.lock"
+
+
+class RunLock:
+    """Held (shared) by every run in progress on a data directory, so that a run starting
+    can tell a row left ``running`` by a killed process from one still measuring: only
+    when it gets the lock exclusively is no other run alive."""
+
+    def __init__(self, fh: IO[str], alone: bool) -> None:
+        self._fh = fh
+        self.alone = alone
+
+    @classmethod
+    def acquire(cls, data_dir: Path) -> RunLock:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        fh = open(data_dir / RUN_LOCK_FILE, "a+")  # noqa: SIM115 (held for the run)
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_SH)
+            return cls(fh, alone=False)
+        except OSError:
+            fh.close()
+            raise
+        return cls(fh, alone=True)
+
+    def share(self) -> None:
+        """From exclusive (clean-up done) to shared, for the run itself."""
+        fcntl.flock(self._fh.fileno(), fcntl.LOCK_SH)
+
+    def release(self) -> None:
+        try:
+            fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
+        finally:
+            self._fh.close()
 
 
 def services_and_events(

@@ -1,48 +1,77 @@
-"""Keep the probe's own address out of what it stores and exports.
+"""Keep the probe's own address out of everything that leaves its store.
 
-The rule (ARCHITECTURE.md principle 6, REFERENCE.md section 4): the probe's IP address
-never leaves the machine. ``probe_ip`` is always a placeholder in the wire format, but a
-server may echo the client's address back (a header such as ``X-Client-IP: <addr>``, a
-page saying "Your IP address is <addr>", an error message naming the local socket).
-As OONI does, :func:`scrub` replaces the address wherever it appears as text in such
-strings, with ``[scrubbed]``.
+The rule (ARCHITECTURE.md principles 6 and 8, REFERENCE.md section 4): the probe's IP
+address never leaves the machine. ``probe_ip`` is always a placeholder in the wire
+format, but servers echo the client's address back (a header such as ``X-Client-IP``,
+a page saying "Your IP address is ...", a redirect to ``...?seen=<addr>``, a reverse
+DNS name ``203-0-113-7.dyn.example``), and behind a NAT the public address is not
+among the machine's own. So:
 
-What is scrubbed, in a copy of the measurement (the input is not changed):
+- :class:`Scrub` owns the rule. It finds addresses in text in every common form
+  (dotted, zero-padded, dash- or underscore-separated, reversed as in
+  ``in-addr.arpa``, percent-encoded, as a 32-bit integer; IPv6 in any valid spelling,
+  with ``%3A`` or dashes, and as ``ip6.arpa`` nibbles), after decoding what hides
+  text (percent-encoding, HTML entities, content codings, UTF-16/32), and compares
+  each with the probe's own addresses. It is applied when a measurement is stored
+  and again on every path out of the store (upload, every export format, ``vantage
+  run --json``), with the addresses known *then*: nothing leaves unscrubbed because
+  it was stored before the address was learnt.
+- :class:`OwnAddresses` remembers every own address learnt from any source (the
+  collector's whoami, a public interface address, a stored vantage point) in the
+  data directory (``own_addresses.json``, mode 0600, never uploaded), so the scrub
+  does not depend on reaching anything.
 
-- HTTP response bodies (bytes), response and request header values, and the URLs of
-  redirect hops (the first hop's URL is the target's own, chosen by the volunteer);
-- every observation's failure string.
+What is scrubbed (a copy: the input is not changed): every string of a measurement
+(HTTP bodies, header values, URLs of every hop, failure strings, annotations, the
+verdict's reasons, the target) and the resolver fields of the vantage point. A
+string that still holds the address once decoded is replaced whole. A body that holds
+it and cannot be rewritten in place (kept compressed, UTF-16), or that cannot be
+decoded at all, is dropped: its length stays, and its hash becomes a keyed hash.
 
-What is deliberately left alone:
+Hashes: ``body_sha256`` covers the whole body received (up to the read limit) while
+only its first part is kept, so for a truncated, scrubbed or dropped body the plain
+hash could be tested against guesses of a page holding each candidate address. Those
+bodies keep ``body_sha256 = null`` and a ``body_keyed_sha256``: HMAC-SHA256 of the
+original hash under a secret that never leaves the probe (``scrub.key``), so equal
+bodies of one probe still compare equal.
 
-- ``body_length`` stays as measured (the length of what the server sent). A body that
-  had to be scrubbed loses its ``body_sha256``: the hash of a page that held the
-  address would give the address back to anyone who hashes every candidate. The
-  measurement then carries the annotation ``scrubbed = "true"``.
-- DNS: answers and raw responses are not altered. A resolver answering with the probe's
-  own address is evidence (and the raw wire is binary, not text).
-- TLS certificates and parameters, TCP endpoints (they are the server's).
+What is deliberately left alone (documented in deploy/README.md):
+
+- DNS answers and raw responses: what a resolver answered is the evidence of DNS
+  tampering, and an answer is the server's statement, not the probe's address;
+- TLS certificates, TCP and TLS endpoints and each HTTP hop's ``address`` (the
+  server's).
 
 Which addresses: :func:`local_addresses` reads this machine's own interface addresses
-(loopback excluded). Behind a NAT the public address is not among them; a caller that
-knows it (from a lookup) must add it to the set.
+(loopback excluded); :class:`OwnAddresses` adds what was learnt.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
-import functools
+import datetime as dt
+import hashlib
+import hmac
+import html
 import ipaddress
 import json
+import logging
+import os
 import re
 import shutil
 import socket
 import subprocess
+import zlib
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any
+from urllib.parse import unquote
 
-from schema.model import DNSQuery, HTTPTransaction, Measurement, TCPConnect, TLSHandshake
+from schema.model import Measurement
+
+log = logging.getLogger("vantage.privacy")
 
 SCRUBBED = "[scrubbed]"
 SCRUBBED_BYTES = SCRUBBED.encode("ascii")
@@ -161,127 +190,606 @@ def _ipv6_from_proc() -> set[str]:
     return found
 
 
-# -- scrubbing ----------------------------------------------------------------------
+# -- finding an address in text, in any form -----------------------------------------
+
+_SEP4 = r"(?:\.|-|_|%2[eE])"
+#: A run of four or more 1-3 digit groups: dotted, padded, dashed (reverse DNS names),
+#: percent-encoded dots; every window of four is tried, forwards and reversed.
+_V4_RUN = re.compile(rf"(?<![0-9])[0-9]{{1,3}}(?:{_SEP4}[0-9]{{1,3}}){{3,}}(?![0-9])")
+_DIGITS = re.compile(r"[0-9]{1,3}")
+#: An address as one 32-bit number (decimal or hex), as some trackers and logs write it.
+_V4_INT = re.compile(r"(?<![0-9A-Za-z.])(?:0[xX][0-9A-Fa-f]{8}|[0-9]{8,10})(?![0-9A-Za-z])")
+_SEP6 = r"(?::|%3[aA]|-)"
+_V6_RUN = re.compile(
+    rf"(?<![0-9A-Za-z])[0-9A-Fa-f]{{0,4}}(?:{_SEP6}[0-9A-Fa-f]{{0,4}}){{2,8}}"
+    rf"(?:[0-9]{{1,3}}(?:\.[0-9]{{1,3}}){{3}})?(?![0-9A-Za-z])"
+)
+_SEP6_ANY = re.compile(r"%3[aA]|-")
+_ARPA6 = re.compile(r"(?<![0-9A-Za-z])((?:[0-9A-Fa-f]\.){32})ip6\.arpa", re.IGNORECASE)
+_BRACKET_END = re.compile(r"(?:%[0-9A-Za-z._~-]+)?\]")
+_ESCAPE = re.compile(r"\\(?:u([0-9A-Fa-f]{4})|x([0-9A-Fa-f]{2}))")
 
 
-@dataclasses.dataclass(frozen=True)
-class _Patterns:
-    text: re.Pattern[str]
-    raw: re.Pattern[bytes]
+class _Own:
+    """The addresses to find, as integers (IPv4-mapped IPv6 counts as its IPv4)."""
 
-
-def _forms(address: str) -> list[str]:
-    """Regular expressions for the ways ``address`` is written in text."""
-    try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0].strip())
-    except ValueError:
-        return []  # not an address: nothing to look for
-    if isinstance(ip, ipaddress.IPv4Address):
-        # Not part of a longer number: 192.0.2.2 is not in 192.0.2.20 or 1192.0.2.2.
-        return [rf"(?<![0-9]){re.escape(str(ip))}(?![0-9])"]
-    texts = {ip.compressed, ip.exploded}
-    if ip.ipv4_mapped is not None:
-        texts.add(f"::ffff:{ip.ipv4_mapped}")
-    texts |= {t.replace(":", "%3A") for t in texts}  # inside URLs
-    out = []
-    for t in sorted(texts, key=len, reverse=True):
-        escaped = re.escape(t)
-        out.append(rf"\[{escaped}(?:%[0-9A-Za-z._~-]+)?\]")  # [addr] and [addr%zone], whole
-        out.append(rf"(?<![0-9A-Fa-f:]){escaped}(?![0-9A-Fa-f])")
-    return out
-
-
-@functools.lru_cache(maxsize=16)
-def _patterns(addresses: frozenset[str]) -> _Patterns | None:
-    forms = [f for a in sorted(addresses) for f in _forms(a)]
-    if not forms:
-        return None
-    source = "|".join(forms)
-    return _Patterns(
-        re.compile(source, re.IGNORECASE),
-        re.compile(source.encode("ascii"), re.IGNORECASE),
-    )
-
-
-class _Scrubber:
-    def __init__(self, patterns: _Patterns) -> None:
-        self.p = patterns
-        self.changed = False
-
-    def text(self, value: str) -> str:
-        new, n = self.p.text.subn(SCRUBBED, value)
-        if n:
-            self.changed = True
-        return new
-
-    def optional(self, value: str | None) -> str | None:
-        return None if value is None else self.text(value)
-
-    def raw(self, value: bytes) -> bytes:
-        new, n = self.p.raw.subn(SCRUBBED_BYTES, value)
-        if n:
-            self.changed = True
-        return new
-
-    def headers(self, pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
-        return [(name, self.text(value)) for name, value in pairs]
-
-    def transaction(self, tx: HTTPTransaction, hop: int) -> HTTPTransaction:
-        body = self.raw(tx.body)
-        # The hash of a body that held the address would give it back (hash every
-        # IPv4 address and compare), so a scrubbed body loses its hash.
-        digest = tx.body_sha256 if body == tx.body else None
-        return dataclasses.replace(
-            tx,
-            url=self.text(tx.url) if hop > 0 else tx.url,
-            request_headers=self.headers(tx.request_headers),
-            response_headers=self.headers(tx.response_headers),
-            body=body,
-            body_sha256=digest,
-            failure=self.optional(tx.failure),
+    def __init__(self, addresses: Iterable[str]) -> None:
+        v4: set[int] = set()
+        v6: set[int] = set()
+        for text in addresses:
+            try:
+                ip = ipaddress.ip_address(str(text).split("%", 1)[0].strip())
+            except ValueError:
+                continue
+            if isinstance(ip, ipaddress.IPv4Address):
+                v4.add(int(ip))
+            elif ip.ipv4_mapped is not None:
+                v4.add(int(ip.ipv4_mapped))
+            else:
+                v6.add(int(ip))
+        self.v4 = frozenset(v4)
+        self.v6 = frozenset(v6)
+        # Every spelling of an IPv4 address has a digit, and so has every spelling of an
+        # IPv6 one but its compressed form: a string without a digit is skipped unless
+        # one of the addresses can be written with letters only.
+        self.letters_only = any(
+            not re.search(r"[0-9]", ipaddress.IPv6Address(a).compressed) for a in v6
         )
 
+    def __bool__(self) -> bool:
+        return bool(self.v4 or self.v6)
 
-_Obs = TypeVar("_Obs", DNSQuery, TCPConnect, TLSHandshake)
+    def _v4(self, value: int) -> bool:
+        return value in self.v4
+
+    def spans(self, text: str) -> list[tuple[int, int]]:
+        """Where ``text`` spells one of the addresses: (start, end) pairs."""
+        found: list[tuple[int, int]] = []
+        if self.v4:
+            for run in _V4_RUN.finditer(text):
+                groups = list(_DIGITS.finditer(text, run.start(), run.end()))
+                for i in range(len(groups) - 3):
+                    window = groups[i : i + 4]
+                    octets = [int(g.group()) for g in window]
+                    if max(octets) > 255:
+                        continue
+                    forward = int.from_bytes(bytes(octets), "big")
+                    backward = int.from_bytes(bytes(reversed(octets)), "big")
+                    if forward in self.v4 or backward in self.v4:
+                        found.append((window[0].start(), window[3].end()))
+            for number in _V4_INT.finditer(text):
+                token = number.group()
+                value = int(token, 16) if token[:2].lower() == "0x" else int(token)
+                if value in self.v4:
+                    found.append(number.span())
+        for run in _V6_RUN.finditer(text):
+            span = _v6_span(run.group())
+            if span is None:
+                continue
+            ip, lead, trail = span
+            if int(ip) in self.v6 or (
+                ip.ipv4_mapped is not None and int(ip.ipv4_mapped) in self.v4
+            ):
+                found.append((run.start() + lead, run.end() - trail))
+        if self.v6 and "arpa" in text.lower():
+            for arpa in _ARPA6.finditer(text):
+                nibbles = arpa.group(1).replace(".", "")[::-1]
+                if int(nibbles, 16) in self.v6:
+                    found.append(arpa.span())
+        return found
+
+    def may_hold(self, text: str) -> bool:
+        return self.letters_only or any(c.isdigit() for c in text)
+
+    def replace(self, text: str) -> str:
+        """``text`` with every spelling found replaced by ``[scrubbed]``."""
+        if not self.may_hold(text):
+            return text
+        spans = sorted(self.spans(text))
+        if not spans:
+            return text
+        out: list[str] = []
+        at = 0
+        for start, end in spans:
+            if end <= at:
+                continue
+            if start > 0 and text[start - 1] == "[":  # [addr] and [addr%zone], whole
+                close = _BRACKET_END.match(text, end)
+                if close is not None:
+                    start, end = start - 1, close.end()
+            out.append(text[at : max(start, at)])
+            out.append(SCRUBBED)
+            at = end
+        out.append(text[at:])
+        return "".join(out)
+
+    def hidden(self, text: str) -> bool:
+        """Whether ``text`` spells an address once decoded (percent-encoding, HTML
+        entities, backslash escapes, up to three layers)."""
+        seen = {text}
+        layer = [text]
+        for _ in range(3):
+            nxt = []
+            for t in layer:
+                for decoded in _decodings(t):
+                    if decoded not in seen:
+                        seen.add(decoded)
+                        nxt.append(decoded)
+            layer = nxt
+        return any(self.may_hold(t) and self.spans(t) for t in seen if t is not text)
 
 
-def _failure(s: _Scrubber, obs: _Obs) -> _Obs:
-    if obs.failure is None:
-        return obs
-    new = s.text(obs.failure)
-    return obs if new == obs.failure else dataclasses.replace(obs, failure=new)
+def _v6_span(token: str) -> tuple[ipaddress.IPv6Address, int, int] | None:
+    """The IPv6 address a token spells, and how many characters before and after it
+    are not part of it (a separator run on: ``sendto 2001:db8::23: no route``)."""
+    if not re.search(r"[0-9A-Fa-f]", token):
+        return None
+    normal = _SEP6_ANY.sub(":", token)  # %3A is three characters: offsets via the token
+    for lead, trail in ((0, 0), (0, 1), (1, 0), (1, 1)):
+        if lead and not token.startswith((":", "-")):
+            continue
+        if trail and not token.endswith((":", "-")):
+            continue
+        if lead or trail:
+            if "%" in token.lower():
+                continue  # percent-encoded tokens are whole or not at all
+            candidate = normal[lead : len(normal) - trail]
+        else:
+            candidate = normal
+        try:
+            return ipaddress.IPv6Address(candidate), lead, trail
+        except ValueError:
+            continue
+    return None
 
 
-def scrub(m: Measurement, addresses: Iterable[str]) -> Measurement:
-    """A copy of ``m`` with each of ``addresses`` replaced by ``[scrubbed]`` in its
-    strings (see the module docstring for which). Pure: ``m`` is not changed.
+def _decodings(text: str) -> Iterable[str]:
+    if "%" in text:
+        yield unquote(text)
+    if "&" in text:
+        yield html.unescape(text)
+    if "\\" in text:
+        yield _ESCAPE.sub(lambda m: chr(int(m.group(1) or m.group(2), 16)), text)
 
-    Pass the same set (a ``frozenset``, ideally) for every measurement of a run: the
-    patterns are compiled once per distinct set.
+
+# -- bodies ------------------------------------------------------------------------------
+
+#: Decoded output considered at most: a stored body is at most 64 KiB, but a
+#: compressed one could expand without bound.
+DECODE_LIMIT = 8 * 1024 * 1024
+
+
+class _Undecodable(Exception):
+    pass
+
+
+def _unzip(data: bytes, wbits: int, multi: bool) -> bytes:
+    out = bytearray()
+    while data:
+        z = zlib.decompressobj(wbits)
+        try:
+            out += z.decompress(data, DECODE_LIMIT - len(out) + 1)
+        except zlib.error as exc:
+            if out and multi:
+                break  # junk after a complete member
+            raise _Undecodable(str(exc)) from exc
+        if len(out) > DECODE_LIMIT:
+            raise _Undecodable("decodes to more than the limit")
+        if not (multi and z.eof):
+            break  # one stream, or a truncated member: what it gave is the content
+        data = z.unused_data
+    return bytes(out)
+
+
+def _decode_one(data: bytes, coding: str) -> bytes:
+    if coding in ("gzip", "x-gzip"):
+        return _unzip(data, zlib.MAX_WBITS | 16, multi=True)
+    if coding == "deflate":
+        try:
+            return _unzip(data, zlib.MAX_WBITS, multi=False)
+        except _Undecodable:
+            return _unzip(data, -zlib.MAX_WBITS, multi=False)
+    if coding == "br":
+        try:
+            import brotli  # type: ignore[import-not-found,unused-ignore]
+        except ImportError:
+            raise _Undecodable("no brotli decoder installed") from None
+        try:
+            return brotli.Decompressor().process(data)[: DECODE_LIMIT + 1]  # type: ignore[no-any-return]
+        except brotli.error as exc:
+            raise _Undecodable(str(exc)) from exc
+    if coding == "zstd":
+        try:
+            import zstandard  # type: ignore[import-not-found,unused-ignore]
+        except ImportError:
+            raise _Undecodable("no zstd decoder installed") from None
+        try:
+            reader = zstandard.ZstdDecompressor().decompressobj()
+            return reader.decompress(data)[: DECODE_LIMIT + 1]  # type: ignore[no-any-return]
+        except zstandard.ZstdError as exc:
+            raise _Undecodable(str(exc)) from exc
+    raise _Undecodable(f"content coding {coding!r}")
+
+
+def _header(pairs: Any, name: str) -> str | None:
+    for pair in pairs or ():
+        if isinstance(pair, list | tuple) and len(pair) == 2 and str(pair[0]).lower() == name:
+            return str(pair[1])
+    return None
+
+
+def _codings(value: str | None) -> list[str]:
+    items = [c.strip().lower() for c in (value or "").split(",")]
+    return [c for c in items if c and c != "identity"]
+
+
+def _content(raw: bytes, content_encoding: str | None) -> tuple[bytes, bool]:
+    """The body's content and whether it is kept encoded (raises :class:`_Undecodable`).
+
+    The engine decodes one gzip or deflate coding as it reads (probe.engine.content);
+    any other coding, or several, is kept raw and is decoded here, last applied first.
     """
-    key = addresses if isinstance(addresses, frozenset) else frozenset(addresses)
-    patterns = _patterns(key)
-    if patterns is None:
-        return dataclasses.replace(m, queries=list(m.queries), tcp_connect=list(m.tcp_connect),
-                                   tls_handshakes=list(m.tls_handshakes),
-                                   requests=list(m.requests),
-                                   annotations=dict(m.annotations))  # fmt: skip
-    s = _Scrubber(patterns)
-    requests = [s.transaction(tx, hop) for hop, tx in enumerate(m.requests)]
-    queries = [_failure(s, q) for q in m.queries]
-    tcp_connect = [_failure(s, c) for c in m.tcp_connect]
-    tls_handshakes = [_failure(s, h) for h in m.tls_handshakes]
-    annotations = dict(m.annotations)
-    if s.changed:
-        annotations[ANNOTATION] = "true"
-    return dataclasses.replace(
-        m,
-        queries=queries,
-        tcp_connect=tcp_connect,
-        tls_handshakes=tls_handshakes,
-        requests=requests,
-        annotations=annotations,
-    )
+    applied = _codings(content_encoding)
+    if len(applied) == 1 and applied[0] in ("gzip", "x-gzip", "deflate"):
+        return raw, False  # decoded by the engine
+    data = raw
+    for coding in reversed(applied):
+        data = _decode_one(data, coding)
+    return data, bool(applied)
 
 
-__all__ = ["ANNOTATION", "SCRUBBED", "local_addresses", "scrub"]
+def _wide_texts(content: bytes, content_type: str | None) -> list[str]:
+    """The body read as UTF-16 or UTF-32 when its BOM, its charset or its NUL bytes say
+    it may be: text that bytewise search would not see."""
+    charset = ""
+    match = re.search(r"charset\s*=\s*\"?([A-Za-z0-9_.:-]+)", content_type or "")
+    if match:
+        charset = match.group(1).lower()
+    candidates: list[str] = []
+    if content[:4] in (b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff") or "32" in charset:
+        candidates += ["utf-32", "utf-32-le", "utf-32-be"]
+    if content[:2] in (b"\xff\xfe", b"\xfe\xff") or "16" in charset or "ucs-2" in charset:
+        candidates += ["utf-16", "utf-16-le", "utf-16-be"]
+    if not candidates and content.count(0) * 4 > len(content) > 0:
+        candidates += ["utf-16-le", "utf-16-be", "utf-32-le", "utf-32-be"]
+    texts = []
+    for codec in candidates:
+        texts.append(content.decode(codec, errors="replace"))
+        # An odd start (a body cut mid-character) shifts every character: try both.
+        texts.append(content[1:].decode(codec, errors="replace"))
+    return texts
+
+
+def _body_bytes(value: Any) -> bytes:
+    if isinstance(value, dict):
+        try:
+            return base64.b64decode(str(value.get("data", "")), validate=True)
+        except (binascii.Error, ValueError):
+            return b""
+    return str(value or "").encode("utf-8")
+
+
+def _body_wire(body: bytes) -> str | dict[str, str]:
+    if b"\x00" not in body:
+        try:
+            return body.decode("utf-8")
+        except UnicodeDecodeError:
+            pass
+    return {"format": "base64", "data": base64.b64encode(body).decode("ascii")}
+
+
+# -- the scrub --------------------------------------------------------------------------
+
+#: Keys whose values are kept as measured (see the module docstring), by observation list.
+_KEPT = {
+    "queries": frozenset({"answers", "raw_response"}),
+    "tcp_connect": frozenset({"ip"}),
+    "tls_handshakes": frozenset({"address", "peer_certificates"}),
+    "requests": frozenset({"address"}),
+}
+OBSERVATION_KEYS = tuple(_KEPT)
+
+
+class Scrub:
+    """Removes the probe's own addresses from what leaves the store.
+
+    ``addresses``: every address of the probe known now (its interfaces' and those
+    learnt, :func:`own_addresses`). ``key``: the secret for keyed body hashes (None:
+    such hashes are dropped instead).
+
+    >>> s = Scrub({"203.0.113.7"})
+    >>> s.text("seen from 203-0-113-7.dyn.example")
+    'seen from [scrubbed].dyn.example'
+    """
+
+    def __init__(self, addresses: Iterable[str], key: bytes | None = None) -> None:
+        self.addresses = frozenset(a for a in addresses if _normal(a) is not None)
+        self._own = _Own(self.addresses)
+        self._key = key
+        self.changed = False
+
+    def is_own(self, address: str | None) -> bool:
+        """Whether ``address`` (text, maybe with a port or zone) is one of the probe's."""
+        if not address:
+            return False
+        return bool(self._own.spans(address)) if self._own.may_hold(address) else False
+
+    # -- strings and trees --
+
+    def text(self, value: str) -> str:
+        """``value`` with the addresses replaced; wholly ``[scrubbed]`` when an address
+        is still there once the text is decoded."""
+        if not self._own or not self._own.may_hold(value):
+            return value
+        new = self._own.replace(value)
+        if self._own.hidden(new):
+            new = SCRUBBED
+        if new != value:
+            self.changed = True
+        return new
+
+    def tree(self, value: Any, kept: frozenset[str] = frozenset()) -> Any:
+        """A copy of a JSON-like ``value`` with every string scrubbed, keys included,
+        except the values of the dict keys in ``kept`` (top level only)."""
+        if isinstance(value, str):
+            return self.text(value)
+        if isinstance(value, dict):
+            return {
+                (self.text(k) if isinstance(k, str) else k): (v if k in kept else self.tree(v))
+                for k, v in value.items()
+            }
+        if isinstance(value, list | tuple):
+            return [self.tree(v) for v in value]
+        return value
+
+    def keyed(self, digest: str | None, body: bytes) -> str | None:
+        """The keyed hash that stands for a body's plain hash (None without a key)."""
+        if self._key is None:
+            return None
+        what = f"sha256:{digest}" if digest else "kept:" + hashlib.sha256(body).hexdigest()
+        return hmac.new(self._key, what.encode("ascii"), hashlib.sha256).hexdigest()
+
+    def response(self, response: dict[str, Any]) -> dict[str, Any]:
+        """A wire response with its headers and body scrubbed (see the module docstring);
+        keys keep their order."""
+        raw = _body_bytes(response.get("body", ""))
+        headers = response.get("headers_list")
+        body, state = self._body(raw, _header(headers, "content-encoding"),
+                                 _header(headers, "content-type"))  # fmt: skip
+        digest = response.get("body_sha256")
+        rekey = state != "kept" or (bool(response.get("body_is_truncated")) and digest is not None)
+        out: dict[str, Any] = {}
+        for k, v in response.items():
+            if k == "body":
+                out[k] = v if state == "kept" else _body_wire(body)
+            elif k == "body_sha256" and rekey:
+                out[k] = None
+                keyed = self.keyed(digest, raw)
+                if keyed is not None:
+                    out["body_keyed_sha256"] = keyed
+            elif k == "body_keyed_sha256" and rekey:
+                continue  # made again just above
+            else:
+                out[self.text(k)] = self.tree(v)
+        if state != "kept":
+            self.changed = True
+        return out
+
+    def _body(self, raw: bytes, encoding: str | None, content_type: str | None
+              ) -> tuple[bytes, str]:  # fmt: skip
+        """(body, "kept" | "scrubbed" | "dropped")."""
+        if not raw:
+            return raw, "kept"
+        try:
+            content, encoded = _content(raw, encoding)
+        except _Undecodable:
+            return b"", "dropped"  # what cannot be read cannot be checked
+        latin = content.decode("latin-1")  # one char per byte: positions line up
+        wide = _wide_texts(content, content_type)
+        if encoded or wide:
+            # Kept as sent (compressed, or text two or four bytes a character): it
+            # cannot be edited in place, so a body holding an address goes.
+            for text in [latin, *wide]:
+                if (self._own.may_hold(text) and self._own.spans(text)) or self._own.hidden(text):
+                    return b"", "dropped"
+            return raw, "kept"
+        new = self._own.replace(latin)
+        if self._own.hidden(new):
+            return b"", "dropped"
+        if new == latin:
+            return raw, "kept"
+        return new.encode("latin-1"), "scrubbed"
+
+    # -- measurements --
+
+    def observations(self, kind: str, items: list[Any]) -> list[Any]:
+        """A wire observation list (``queries``, ``tcp_connect``, ...) scrubbed."""
+        kept = _KEPT[kind]
+        out = []
+        for item in items:
+            if not isinstance(item, dict):
+                out.append(self.tree(item))
+                continue
+            new: dict[str, Any] = {}
+            for k, v in item.items():
+                if k in kept:
+                    new[k] = v
+                elif k == "response" and kind == "requests":
+                    new[k] = self.response(v) if isinstance(v, dict) else v
+                else:
+                    new[self.text(k)] = self.tree(v)
+            out.append(new)
+        return out
+
+    def resolver(self, address: str | None) -> str | None:
+        """The resolver's address, or None when it is the probe's own (the probe or its
+        router resolves recursively: the resolver's egress is the probe's address)."""
+        if address is not None and self.is_own(address):
+            self.changed = True
+            return None
+        return address
+
+    def document(self, doc: dict[str, Any]) -> dict[str, Any]:
+        """A wire document (schema.wire) scrubbed: a copy. The target and ``input`` are
+        the volunteer's own catalog and stay as written."""
+        self.changed = False
+        out = dict(doc)
+        out["resolver_ip"] = self.resolver(doc.get("resolver_ip"))
+        for key in ("probe_network_name", "resolver_network_name"):
+            if isinstance(doc.get(key), str):
+                out[key] = self.text(doc[key])
+        annotations = self.tree(doc.get("annotations") or {})
+        keys = dict(doc.get("test_keys") or {})
+        for kind in OBSERVATION_KEYS:
+            keys[kind] = self.observations(kind, list(keys.get(kind) or ()))
+        if isinstance(keys.get("failure"), str):
+            keys["failure"] = self.text(keys["failure"])
+        keys["analysis"] = self.tree(keys.get("analysis"))
+        if self.changed:
+            annotations[ANNOTATION] = "true"
+        out["annotations"] = annotations
+        out["test_keys"] = keys
+        return out
+
+    def measurement(self, m: Measurement) -> Measurement:
+        """A measurement scrubbed: a copy (by way of its wire document)."""
+        from schema import wire
+
+        doc = self.document(wire.to_wire(m))
+        new = wire.from_wire(doc)
+        # The vantage point keeps what is not on the wire (public_ip with store_ip).
+        new.vantage = dataclasses.replace(m.vantage, resolver_ip=new.vantage.resolver_ip)
+        return new
+
+
+def scrub(m: Measurement, addresses: Iterable[str], key: bytes | None = None) -> Measurement:
+    """A copy of ``m`` with each of ``addresses`` removed (see :class:`Scrub`)."""
+    return Scrub(addresses, key).measurement(m)
+
+
+# -- what the probe knows of its own addresses -------------------------------------------
+
+OWN_FILE = "own_addresses.json"
+KEY_FILE = "scrub.key"
+#: Runs whose public address was unknown when they were measured, remembered so that
+#: their stored measurements are scrubbed again once an address is learnt.
+MAX_UNSURE_RUNS = 100_000
+
+
+class OwnAddresses:
+    """The probe's own addresses learnt from any source, kept in the data directory.
+
+    The file (mode 0600) is never uploaded or exported; it is what lets the probe scrub
+    an address it learnt once even when, later, nothing can tell it (the collector is
+    blocked). Every change is written to a temporary file and renamed into place.
+    """
+
+    def __init__(self, data_dir: Path) -> None:
+        self.path = data_dir / OWN_FILE
+
+    def _read(self) -> dict[str, Any]:
+        try:
+            doc = json.loads(self.path.read_text("utf-8"))
+        except FileNotFoundError:
+            return {"addresses": {}, "unsure_runs": []}
+        except (OSError, ValueError) as exc:
+            log.warning("cannot read %s (%s): starting it again", self.path, exc)
+            return {"addresses": {}, "unsure_runs": []}
+        if not isinstance(doc, dict):
+            return {"addresses": {}, "unsure_runs": []}
+        addresses = doc.get("addresses")
+        runs = doc.get("unsure_runs")
+        return {
+            "addresses": addresses if isinstance(addresses, dict) else {},
+            "unsure_runs": [r for r in runs if isinstance(r, str)] if isinstance(runs, list)
+            else [],
+        }  # fmt: skip
+
+    def _write(self, doc: dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(doc, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+    def addresses(self) -> set[str]:
+        return {a for a in self._read()["addresses"] if _normal(a) is not None}
+
+    def learn(self, addresses: Iterable[str], source: str) -> set[str]:
+        """Remember ``addresses`` (those that are not loopback or unspecified); the
+        ones not known before are returned."""
+        doc = self._read()
+        known: dict[str, Any] = doc["addresses"]
+        now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        new: set[str] = set()
+        changed = False
+        for a in addresses:
+            normal = _normal(a)
+            if normal is None:
+                continue
+            entry = known.get(normal)
+            if entry is None:
+                known[normal] = {"source": source, "first_seen": now, "last_seen": now}
+                new.add(normal)
+                changed = True
+            elif isinstance(entry, dict) and entry.get("last_seen", "")[:10] != now[:10]:
+                entry["last_seen"] = now  # once a day at most: an SD card is not rewritten
+                changed = True
+        if changed:
+            self._write(doc)
+        return new
+
+    def unsure(self, run_id: str) -> None:
+        """Note a run measured while the public address was unknown."""
+        doc = self._read()
+        runs: list[str] = doc["unsure_runs"]
+        if run_id not in runs:
+            runs.append(run_id)
+            del runs[:-MAX_UNSURE_RUNS]
+            self._write(doc)
+
+    def unsure_runs(self) -> list[str]:
+        return list(self._read()["unsure_runs"])
+
+
+def scrub_key(data_dir: Path) -> bytes | None:
+    """The probe's secret for keyed hashes (created on first use); None if it cannot
+    be read or made (keyed hashes are then dropped, never left plain)."""
+    from probe.export.pseudonym import KeyFileError, key_file
+
+    if not data_dir.is_dir():
+        return None  # nothing measured here yet: an export does not create the directory
+    try:
+        return key_file(data_dir / KEY_FILE)[0]
+    except KeyFileError as exc:
+        log.warning("%s: keyed body hashes are dropped", exc)
+        return None
+
+
+def own_addresses(data_dir: Path, extra: Iterable[str] = ()) -> frozenset[str]:
+    """Every address of the probe known now: its interfaces', those learnt, ``extra``."""
+    found = set(local_addresses()) | OwnAddresses(data_dir).addresses()
+    found |= {a for a in map(_normal, extra) if a is not None}
+    return frozenset(found)
+
+
+def exit_scrub(data_dir: Path, extra: Iterable[str] = ()) -> Scrub:
+    """The scrub for a path out of the store, with what is known now."""
+    return Scrub(own_addresses(data_dir, extra), scrub_key(data_dir))
+
+
+__all__ = [
+    "ANNOTATION",
+    "OWN_FILE",
+    "SCRUBBED",
+    "OwnAddresses",
+    "Scrub",
+    "exit_scrub",
+    "local_addresses",
+    "own_addresses",
+    "scrub",
+    "scrub_key",
+]

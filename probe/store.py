@@ -21,6 +21,7 @@ import hashlib
 import json
 import re
 import threading
+import uuid
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -243,6 +244,20 @@ class Store:
                 )
             )
 
+    def interrupt_stale_runs(self, probe_id: str, now: dt.datetime) -> int:
+        """Mark this probe's runs still ``running`` as interrupted (call only when no
+        run of it is alive: :class:`probe.measuring.RunLock`); how many were."""
+        t, m, vp = tables.runs, tables.measurements, tables.vantage_points
+        count = sa.select(sa.func.count()).where(m.c.run_id == t.c.run_id).scalar_subquery()
+        mine = sa.select(vp.c.id).where(vp.c.probe_id == probe_id)
+        with _failing("mark interrupted runs"), self.engine.begin() as conn:
+            result = conn.execute(
+                t.update()
+                .where(t.c.status == "running", t.c.vantage_point_id.in_(mine))
+                .values(status="interrupted", finished_at=now, measurement_count=count)
+            )
+            return int(result.rowcount or 0)
+
     def finish_run(self, run_id: str, status: str, finished: dt.datetime) -> None:
         t, m = tables.runs, tables.measurements
         count = sa.select(sa.func.count()).where(m.c.run_id == run_id).scalar_subquery()
@@ -397,6 +412,56 @@ class Store:
                 obs[ob.measurement_uid].append((ob.kind, ob.data))
             return [self._to_doc(conn, rows[u], vantages, obs[u])
                     for u in measurement_uids if u in rows]  # fmt: skip
+
+    def rescrub(self, scrub: Any, run_ids: Sequence[str]) -> int:
+        """Scrub the stored measurements of ``run_ids`` again with ``scrub`` (a
+        :class:`probe.privacy.Scrub` that knows an address learnt since they were
+        stored), rewriting those that change; and drop a vantage point's resolver
+        address that is one of the probe's. How many measurements changed.
+
+        On SQLite the rewritten pages are overwritten (``secure_delete``) and the
+        write-ahead log is truncated, so the old text does not linger in the file.
+        """
+        t, o, vp = tables.measurements, tables.observations, tables.vantage_points
+        changed = 0
+        with _failing("scrub stored measurements again"), self.engine.begin() as conn:
+            sqlite = conn.dialect.name == "sqlite"
+            if sqlite:
+                conn.exec_driver_sql("PRAGMA secure_delete=ON")
+            for row in conn.execute(sa.select(vp.c.id, vp.c.resolver_ip)).all():
+                if scrub.resolver(row.resolver_ip) != row.resolver_ip:
+                    # The fingerprint hashed the address: it goes too (a new row is made
+                    # for the next run rather than matching a hash of it).
+                    conn.execute(vp.update().where(vp.c.id == row.id).values(
+                        resolver_ip=None, fingerprint=uuid.uuid4().hex))  # fmt: skip
+            self._vantage_ids.clear()
+            for start in range(0, len(run_ids), 200):
+                part = list(run_ids[start : start + 200])
+                rows = conn.execute(sa.select(t).where(t.c.run_id.in_(part))).all()
+                vantages: dict[int, VantagePoint] = {}
+                for row in rows:
+                    doc = self._to_doc(conn, row, vantages)
+                    clean = scrub.document(doc)
+                    if not scrub.changed:
+                        continue
+                    changed += 1
+                    uid = row.measurement_uid
+                    keys = clean["test_keys"]
+                    conn.execute(t.update().where(t.c.measurement_uid == uid).values(
+                        failure=keys["failure"], verdict=keys["analysis"],
+                        annotations={k: v for k, v in clean["annotations"].items()
+                                     if k not in wire.VANTAGE_ANNOTATIONS},
+                    ))  # fmt: skip
+                    conn.execute(o.delete().where(o.c.measurement_uid == uid))
+                    rows_out = list(observation_rows(uid, keys))
+                    if rows_out:
+                        conn.execute(o.insert(), rows_out)
+            if sqlite:
+                conn.exec_driver_sql("PRAGMA secure_delete=OFF")
+        if self.engine.dialect.name == "sqlite":
+            with contextlib.suppress(sa.exc.SQLAlchemyError), self.engine.connect() as conn:
+                conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+        return changed
 
     def load_measurement(self, measurement_uid: str) -> Measurement | None:
         t = tables.measurements

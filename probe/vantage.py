@@ -56,7 +56,7 @@ import httpx
 from probe import __version__
 from probe.config import Config
 from probe.geoip import GeoIP, GeoIPError, NetworkInfo
-from probe.privacy import local_addresses
+from probe.privacy import OwnAddresses, local_addresses
 from schema.model import VantagePoint
 
 log = logging.getLogger("vantage.discovery")
@@ -125,6 +125,9 @@ class Discovered:
     vantage: VantagePoint
     scrub: frozenset[str] = frozenset()
     notes: tuple[str, ...] = ()
+    #: False when this run could not learn the probe's public address (behind a NAT,
+    #: the collector unreachable): its measurements are scrubbed again once it is.
+    public_known: bool = True
 
 
 @dataclass(frozen=True)
@@ -435,11 +438,14 @@ def discover(
     machine = machine or Machine()
     search = _Search(cfg, machine)
     v = cfg.vantage
+    remembered = OwnAddresses(cfg.data_dir())
     try:
         # The public IP: the address the collector saw, else one on an interface.
         sources: list[NetworkInfo] = []
-        scrub: set[str] = set()
+        # Every own address learnt before is scrubbed, whatever can be reached today.
+        scrub: set[str] = remembered.addresses()
         public_ip: str | None = None
+        origin = ""
         url = collector_url(cfg)
         if url:
             try:
@@ -455,18 +461,19 @@ def discover(
                 if seen is not None:
                     scrub.add(str(seen))
                     if search.is_public(seen):
-                        public_ip = str(seen)
+                        public_ip, origin = str(seen), "collector whoami"
                 if seen is None:
                     search.note("the collector's whoami gave no address")
         else:
             search.note("no collector configured: no whoami", failure=False)
         if public_ip is None:
-            public_ip = search.local_public_address()
+            public_ip, origin = search.local_public_address(), "interface address"
             if public_ip is None:
                 search.note("public IP unknown (behind a NAT, and no collector told it)",
                             failure=bool(url))  # fmt: skip
         if public_ip is not None:
             scrub.add(public_ip)
+            remembered.learn([public_ip], origin)
         asn, cc, name = _choose(cfg, sources)
         if public_ip is not None and (asn == 0 or cc == "ZZ" or name is None):
             found = search.lookup(public_ip)
@@ -478,7 +485,7 @@ def discover(
         if cc == "ZZ":
             search.note("country unknown")
 
-        resolver_ip, resolver_info = _resolver(search, system_resolver, scrub)
+        resolver_ip, resolver_info = _resolver(search, system_resolver, scrub, public_ip)
         network_type = v.network_type or _network_type(search)
         vp = vantage_point(cfg, None)
         vantage = VantagePoint(
@@ -495,15 +502,19 @@ def discover(
             resolver_network_name=resolver_info.network_name,
             public_ip=public_ip if cfg.privacy.store_ip else None,
         )
-        return Discovered(vantage, frozenset(scrub), tuple(search.notes))
+        return Discovered(vantage, frozenset(scrub), tuple(search.notes), public_ip is not None)
     finally:
         search.close()
 
 
 def _resolver(
-    search: _Search, system_resolver: str | None, own: set[str]
+    search: _Search, system_resolver: str | None, own: set[str], public_ip: str | None
 ) -> tuple[str | None, NetworkInfo]:
-    """The resolver's egress address and what the ASN database says of it."""
+    """The resolver's egress address and what the ASN database says of it.
+
+    While the probe's public address is unknown, an address learnt from the resolver
+    whoami cannot be told from the probe's own (a home router that resolves
+    recursively queries from the public address): it is not kept, its ASN is."""
     name = search.cfg.vantage.resolver_whoami
     address: str | None = None
     if not name:
@@ -515,6 +526,11 @@ def _resolver(
             address = resolver_whoami(name, system_resolver, port=search.machine.dns_port)
         except DiscoveryError as exc:
             search.note(str(exc))
+        if address is not None and public_ip is None and address not in own:
+            info = search.lookup(address) or NetworkInfo()
+            search.note("the resolver's address is not kept: the probe's public address is "
+                        "unknown, and the resolver's may be it", failure=False)  # fmt: skip
+            return None, info
     if address is None and system_resolver is not None:
         # A public resolver set directly (8.8.8.8) is itself the resolver seen outside;
         # a stub or a router on the LAN says nothing about it.

@@ -234,6 +234,9 @@ class HTTPTransaction:
     body_is_truncated: bool = False
     body_length: int = 0
     body_sha256: str | None = None
+    #: Set instead of ``body_sha256`` when the body left the store scrubbed, dropped or
+    #: truncated (probe.privacy): HMAC-SHA256 of the plain hash under the probe's secret.
+    body_keyed_sha256: str | None = None
     failure: str | None = None
     failed_operation: str | None = None
 

@@ -269,6 +269,8 @@ def http_to_wire(h: HTTPTransaction) -> Doc:
             "body_length": h.body_length,
             "body_sha256": h.body_sha256,
         }
+        if h.body_keyed_sha256 is not None:
+            response["body_keyed_sha256"] = h.body_keyed_sha256
     return {
         "address": h.address,
         "request": {
@@ -304,6 +306,7 @@ def http_from_wire(d: Doc) -> HTTPTransaction:
         tx.body_is_truncated = bool(resp.get("body_is_truncated", False))
         tx.body_length = int(resp.get("body_length", len(tx.body)))
         tx.body_sha256 = resp.get("body_sha256")
+        tx.body_keyed_sha256 = resp.get("body_keyed_sha256")
     return tx
 
 
@@ -355,7 +358,7 @@ def vantage_from_wire(d: Doc) -> VantagePoint:
     )
 
 
-_VANTAGE_ANNOTATIONS = ("architecture", "platform", "network_type")
+VANTAGE_ANNOTATIONS = ("architecture", "platform", "network_type")
 
 
 def to_wire(m: Measurement) -> Doc:
@@ -412,7 +415,7 @@ def from_wire(d: Doc) -> Measurement:
         annotations = {
             k: str(v)
             for k, v in (d.get("annotations") or {}).items()
-            if k not in _VANTAGE_ANNOTATIONS
+            if k not in VANTAGE_ANNOTATIONS
         }
         start = parse_time(d["measurement_start_time"])
         return Measurement(

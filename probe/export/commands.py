@@ -114,6 +114,7 @@ def cmd_export(args: argparse.Namespace, cfg: Config) -> int:
         db_url=cfg.db_url(),
         key_file=key_file,
         asn_db=args.asn_db if args.asn_db is not None else cfg.vantage.asn_db,
+        scrub_dir=cfg.data_dir(),
     )
 
 
@@ -263,10 +264,15 @@ def run_export(
     db_url: str | None,
     key_file: Path | None,
     asn_db: str | None = None,
+    scrub_dir: Path | None = None,
 ) -> int:
-    """The export the flags ask for; returns the exit code (messages on stderr)."""
+    """The export the flags ask for; returns the exit code (messages on stderr).
+
+    ``scrub_dir``: the probe's data directory. The probe's own export passes it: every
+    measurement is scrubbed on the way out with the addresses known there now
+    (probe.privacy). The collector's export has no probe address to know (None)."""
     try:
-        return _run(args, db_url=db_url, key_file=key_file, asn_db=asn_db)
+        return _run(args, db_url=db_url, key_file=key_file, asn_db=asn_db, scrub_dir=scrub_dir)
     except (UsageError, FilterError, UnknownFormat) as exc:
         return _fail(exc, EX_USAGE)
     except NothingToExport as exc:
@@ -293,7 +299,12 @@ def _fail(message: object, code: int) -> int:
 
 
 def _run(
-    args: argparse.Namespace, *, db_url: str | None, key_file: Path | None, asn_db: str | None
+    args: argparse.Namespace,
+    *,
+    db_url: str | None,
+    key_file: Path | None,
+    asn_db: str | None,
+    scrub_dir: Path | None,
 ) -> int:
     # Everything the flags can get wrong is checked before the database is read.
     filters = parse_filters(
@@ -323,7 +334,13 @@ def _run(
     engine = open_engine(db_url)
     try:
         pseudonym = None
-        export = Export(engine, args.format, filters, asn_of=lookup, chunk_size=args.chunk_size)
+        scrub = None
+        if scrub_dir is not None:
+            from probe.privacy import exit_scrub
+
+            scrub = exit_scrub(scrub_dir)
+        export = Export(engine, args.format, filters, asn_of=lookup, chunk_size=args.chunk_size,
+                        scrub=scrub)  # fmt: skip
         total = export.count()
         if args.pseudonymize:
             assert key_file is not None

@@ -49,34 +49,41 @@ class Pseudonymizer:
     @classmethod
     def from_key_file(cls, path: Path) -> Pseudonymizer:
         """The key in ``path``, created (0600, 32 random bytes) if the file is absent."""
-        created = False
-        if not path.exists():
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            except FileExistsError:
-                pass  # another export created it meanwhile: use that one
-            except OSError as exc:
-                raise KeyFileError(f"cannot create key file {path}: {exc.strerror}") from exc
-            else:
-                with os.fdopen(fd, "w") as f:
-                    f.write(secrets.token_hex(KEY_BYTES) + "\n")
-                created = True
-        try:
-            text = path.read_text("ascii").strip()
-            mode = path.stat().st_mode
-        except (OSError, UnicodeDecodeError) as exc:
-            raise KeyFileError(f"cannot read key file {path}: {exc}") from exc
-        try:
-            key = bytes.fromhex(text)
-        except ValueError:
-            raise KeyFileError(
-                f"key file {path}: not a hex-encoded key (delete it to make a new one; "
-                "earlier pseudonyms will then not match)"
-            ) from None
-        if len(key) < MIN_KEY_BYTES:
-            raise KeyFileError(f"key file {path}: key shorter than {MIN_KEY_BYTES} bytes")
+        key, created, loose = key_file(path)
         p = cls(key)
         p.created = created
-        p.loose = bool(mode & (stat.S_IRWXG | stat.S_IRWXO))
+        p.loose = loose
         return p
+
+
+def key_file(path: Path) -> tuple[bytes, bool, bool]:
+    """The secret key kept in ``path`` (hex), created (0600, 32 random bytes) if the
+    file is absent: (key, whether it was created now, whether others may read it)."""
+    created = False
+    if not path.exists():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass  # another process created it meanwhile: use that one
+        except OSError as exc:
+            raise KeyFileError(f"cannot create key file {path}: {exc.strerror}") from exc
+        else:
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(KEY_BYTES) + "\n")
+            created = True
+    try:
+        text = path.read_text("ascii").strip()
+        mode = path.stat().st_mode
+    except (OSError, UnicodeDecodeError) as exc:
+        raise KeyFileError(f"cannot read key file {path}: {exc}") from exc
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        raise KeyFileError(
+            f"key file {path}: not a hex-encoded key (delete it to make a new one; "
+            "earlier pseudonyms will then not match)"
+        ) from None
+    if len(key) < MIN_KEY_BYTES:
+        raise KeyFileError(f"key file {path}: key shorter than {MIN_KEY_BYTES} bytes")
+    return key, created, bool(mode & (stat.S_IRWXG | stat.S_IRWXO))

@@ -34,6 +34,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from probe.export.filters import Filters, where
+from probe.privacy import ANNOTATION, Scrub
 from schema import tables, wire
 
 
@@ -222,6 +223,27 @@ def _reason(exc: sa.exc.SQLAlchemyError) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def scrubbed(s: Scrub, rec: Record) -> None:
+    """Scrub one record in place, as :meth:`probe.privacy.Scrub.document` does a wire
+    document (the same rules, on the same observation dicts)."""
+    s.changed = False
+    rec.queries = s.observations("queries", rec.queries)
+    rec.tcp_connect = s.observations("tcp_connect", rec.tcp_connect)
+    rec.tls_handshakes = s.observations("tls_handshakes", rec.tls_handshakes)
+    rec.requests = s.observations("requests", rec.requests)
+    if rec.failure is not None:
+        rec.failure = s.text(rec.failure)
+    rec.verdict = s.tree(rec.verdict)
+    annotations = s.tree(rec.annotations)
+    if s.changed:
+        annotations[ANNOTATION] = "true"
+    rec.annotations = annotations
+    if rec.peers:
+        rec.peers = tuple(
+            replace(p, failure=s.text(p.failure)) if p.failure is not None else p for p in rec.peers
+        )
+
+
 class Reader:
     """Reads the measurements that match ``filters``, ``chunk_size`` at a time.
 
@@ -239,6 +261,7 @@ class Reader:
         probe_id: Callable[[str], str] | None = None,
         with_peers: bool = False,
         peer_cache: int = 512,
+        scrub: Scrub | None = None,
     ) -> None:
         if chunk_size < 1:
             raise ValueError("chunk_size must be at least 1")
@@ -247,6 +270,7 @@ class Reader:
         self.chunk_size = chunk_size
         self.probe_id = probe_id
         self.with_peers = with_peers
+        self.scrub = scrub
         self._vantages: dict[int, Vantage] = {}
         self._peer_cache: OrderedDict[tuple[str, str], tuple[TargetFacts, ...]] = OrderedDict()
         self._peer_cache_size = peer_cache
@@ -370,6 +394,9 @@ class Reader:
         records = [by_uid[u] for u in uids if u in by_uid]
         if self.with_peers:
             self._attach_peers(conn, records)
+        if self.scrub is not None:
+            for rec in records:
+                scrubbed(self.scrub, rec)
         return records
 
     def _record(self, conn: sa.Connection, row: tuple[Any, ...]) -> Record:
@@ -405,6 +432,8 @@ class Reader:
             ).where(vp.c.id == vp_id)  # public_ip is deliberately never selected
         ).one()  # fmt: skip
         v = Vantage(**row._mapping)
+        if self.scrub is not None:
+            v = replace(v, resolver_ip=self.scrub.resolver(v.resolver_ip))
         if self.probe_id is not None:
             v = replace(v, probe_id=self.probe_id(v.probe_id))
         self._vantages[vp_id] = v

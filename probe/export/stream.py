@@ -25,6 +25,7 @@ from probe.export.jsonl import JSONLEncoder
 from probe.export.ooni import AsnLookup, OONIEncoder
 from probe.export.parquet import ParquetEncoder, PartitionedWriter
 from probe.export.reader import Reader, Record
+from probe.privacy import Scrub
 
 FORMATS: tuple[str, ...] = ("jsonl", "csv", "parquet", "ooni")
 #: Each format's encoder class (its ``media_type``, ``suffix``, ``stdout_ok``).
@@ -74,6 +75,8 @@ class Export:
 
     ``probe_id``: maps probe ids before they are written (``--pseudonymize``);
     ``asn_of``: the AS number and name of an address, for OONI's DNS answers.
+    ``scrub``: the probe's own addresses are removed from every record on the way out
+    (probe.privacy; the probe's exports always pass one).
     """
 
     def __init__(
@@ -85,13 +88,19 @@ class Export:
         probe_id: Callable[[str], str] | None = None,
         asn_of: AsnLookup | None = None,
         chunk_size: int = 1000,
+        scrub: Scrub | None = None,
     ) -> None:
         self.format = check_format(fmt)
         self.filters = filters
         self.engine = engine
         self.asn_of = asn_of
         self.reader = Reader(
-            engine, filters, chunk_size=chunk_size, probe_id=probe_id, with_peers=fmt == "ooni"
+            engine,
+            filters,
+            chunk_size=chunk_size,
+            probe_id=probe_id,
+            with_peers=fmt == "ooni",
+            scrub=scrub,
         )
 
     def encoder(self) -> Encoder:

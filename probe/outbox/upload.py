@@ -45,6 +45,7 @@ from probe.outbox.enrollment import (
 )
 from probe.outbox.queue import backlog, next_batch, requeue_rejected, settle
 from probe.outbox.receipt import Receipt, ReceiptError, parse_receipt, parse_retry_after
+from probe.privacy import OwnAddresses, Scrub, exit_scrub
 from probe.store import Store, StoreError
 
 log = logging.getLogger("probe.outbox")
@@ -124,11 +125,11 @@ async def _thread(fn: Callable[..., T], *args: Any, **kw: Any) -> T:
         raise
 
 
-def _prepare(store: Store, uids: list[str], probe_id: str, max_items: int) -> _Batch:
-    """Build and encode the documents of ``uids`` and pack them into requests within
-    the collector's limits. Measurements that can never be sent (another probe's,
-    too large, not JSON) are set aside with the reason."""
-    docs = store.documents(uids)
+def _prepare(store: Store, uids: list[str], probe_id: str, max_items: int, scrub: Scrub) -> _Batch:
+    """Build, scrub and encode the documents of ``uids`` and pack them into requests
+    within the collector's limits. Measurements that can never be sent (another
+    probe's, too large, not JSON) are set aside with the reason."""
+    docs = [scrub.document(doc) for doc in store.documents(uids)]
     found: set[str] = set()
     rejected: dict[str, str] = {}
     items: list[Item] = []
@@ -284,7 +285,8 @@ async def drain(
     loop does its own waiting: 0).
     """
     report = UploadReport(url=e.url)
-    await _drain(cfg, store, _Session(cfg, client, e), report, rate_limit_patience, sleep)
+    scrub = await _scrub_for_upload(cfg, store, client, e)
+    await _drain(cfg, store, _Session(cfg, client, e), report, rate_limit_patience, sleep, scrub)
     report.left = await _thread(backlog, store)
     return report
 
@@ -296,13 +298,14 @@ async def _drain(
     report: UploadReport,
     rate_limit_patience: float,
     sleep: Callable[[float], Awaitable[None]],
+    scrub: Scrub,
 ) -> None:
     max_items = min(cfg.collector.batch_size, MAX_ITEMS)
     pending = await _thread(backlog, store)
     sent = 0  # of the pending ones, to tell the collector what is left (X-Vantage-Backlog)
     waited = 0.0
     while uids := await _thread(next_batch, store, max_items):
-        batch = await _thread(_prepare, store, uids, s.enrollment.probe_id, max_items)
+        batch = await _thread(_prepare, store, uids, s.enrollment.probe_id, max_items, scrub)
         if batch.rejected or batch.gone:
             await _thread(settle, store, acknowledged=batch.gone, rejected=batch.rejected)
             _count_rejected(report, batch.rejected)
@@ -353,6 +356,35 @@ async def _drain(
                     receipt.problems
                 )
                 return
+
+
+async def _scrub_for_upload(
+    cfg: Config, store: Store, client: httpx.AsyncClient, e: Enrollment
+) -> Scrub:
+    """The scrub for this pass, with every own address known now.
+
+    The collector's whoami is asked first: what it saw is the probe's public address,
+    which a run measured while the collector was blocked could not know. A newly
+    learnt address is remembered, and the measurements stored while the address was
+    unknown are scrubbed again in the database (``Store.rescrub``) before any leaves.
+    """
+    from probe.vantage import WHOAMI_PATH, DiscoveryError, parse_whoami
+
+    data_dir = cfg.data_dir()
+    try:
+        r = await client.get(e.url.rstrip("/") + WHOAMI_PATH)
+        seen = parse_whoami(r.content).ip if r.status_code == 200 else None
+    except (httpx.HTTPError, DiscoveryError) as exc:
+        log.debug("upload: the collector's whoami did not answer (%s)", exc)
+        seen = None
+    remembered = OwnAddresses(data_dir)
+    new = await _thread(remembered.learn, [seen] if seen else [], "collector whoami (upload)")
+    scrub = await _thread(exit_scrub, data_dir)
+    if new:
+        changed = await _thread(store.rescrub, scrub, remembered.unsure_runs())
+        log.info("upload: a new own address was learnt; %d stored measurement(s) scrubbed "
+                 "again", changed)  # fmt: skip
+    return scrub
 
 
 def _count_rejected(report: UploadReport, rejected: dict[str, str]) -> None:

@@ -12,6 +12,7 @@ import sqlalchemy as sa
 
 from probe.export import Export, parse_filters
 from probe.export.commands import open_engine
+from probe.privacy import Scrub
 from schema.model import Measurement
 from tests.export import dataset
 
@@ -49,9 +50,13 @@ def engine(db_url: str) -> Iterator[sa.Engine]:
     e.dispose()
 
 
-def export_bytes(engine: sa.Engine, fmt: str, chunk_size: int = 1000, **filters: object) -> bytes:
-    """The whole export as bytes, in-process."""
-    ex = Export(engine, fmt, parse_filters(**filters), chunk_size=chunk_size)  # type: ignore[arg-type]
+def export_bytes(
+    engine: sa.Engine, fmt: str, chunk_size: int = 1000, scrub: Scrub | None = None,
+    **filters: object,
+) -> bytes:
+    """The whole export as bytes, in-process (``scrub``: as the probe's command does)."""
+    ex = Export(engine, fmt, parse_filters(**filters), chunk_size=chunk_size,  # type: ignore[arg-type]
+                scrub=scrub)  # fmt: skip
     return b"".join(ex.stream())
 
 

@@ -15,6 +15,7 @@ from probe.config import ConfigError
 from probe.outbox import Outcome, backlog, rejected_counts, upload_now
 from probe.outbox.queue import rejection_mark
 from probe.outbox.upload import MAX_RECEIPT
+from probe.privacy import exit_scrub
 from tests.fixtures import Certs
 from tests.outbox.conftest import Probe, measurements, outbox_rows, vantage_cli, write
 from tests.outbox.standin import Received, StandIn
@@ -45,8 +46,9 @@ def test_a_pass_sends_batches_oldest_first_and_empties_the_outbox(
     assert [r.headers["x-vantage-backlog"] for r in standin.received] == ["60", "20", "0"]
     assert backlog(p.store) == 0 and outbox_rows(p.store) == {}
     assert set(standin.stored) == set(uids)
-    # What the collector got is what the store holds.
-    assert standin.stored[uids[0]] == p.store.documents([uids[0]])[0]
+    # What the collector got is what the store holds, scrubbed on the way out.
+    held = p.store.documents([uids[0]])[0]
+    assert standin.stored[uids[0]] == exit_scrub(p.cfg.data_dir()).document(held)
 
 
 def test_duplicates_are_acknowledged_and_rejections_kept(enrolled: Probe, standin: StandIn) -> None:

@@ -175,7 +175,7 @@ def test_scrub_covers_strings_and_leaves_evidence_alone() -> None:
     clean = scrub(m, frozenset({v4, v6}))
     assert _everything(m) == before
     # DNS answers and raw wire are evidence, and TLS certificates are not text: unchanged.
-    assert clean.queries[0] is m.queries[0] and clean.queries[0].raw_response == raw
+    assert clean.queries[0] == m.queries[0] and clean.queries[0].raw_response == raw
     assert clean.queries[0].addresses() == [v4]
     assert clean.tls_handshakes[0].peer_certificates == [v4.encode()]
     # Failure strings stay in the vocabulary.
@@ -190,8 +190,12 @@ def test_scrub_covers_strings_and_leaves_evidence_alone() -> None:
     # Whole addresses only: 1<v4>, <v4>0, <v6>1 and fe<v6> are other addresses.
     assert second.body == (f"{SCRUBBED} 1{v4} {v4}0 {SCRUBBED}.\n{SCRUBBED} {v6}1 fe{v6}"
                            f" ip={SCRUBBED}").encode()  # fmt: skip
-    assert (second.body_length, second.body_sha256) == (7, None)  # a scrubbed body loses its hash
+    # A scrubbed body loses its plain hash; without a key there is no keyed one either.
+    assert (second.body_length, second.body_sha256, second.body_keyed_sha256) == (7, None, None)
     assert clean.annotations == {ANNOTATION: "true"}
+    keyed = scrub(m, frozenset({v4, v6}), key=b"k" * 32).requests[1]
+    assert keyed.body_sha256 is None and keyed.body_keyed_sha256 is not None
+    assert keyed.body_keyed_sha256 != "ab" * 32 and len(keyed.body_keyed_sha256) == 64
 
 
 def test_nothing_to_scrub() -> None:
