@@ -12,6 +12,7 @@ documents every key.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import tomllib
@@ -19,6 +20,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger("vantage.config")
 
 ENV_PREFIX = "VANTAGE_"
 DEFAULT_CONFIG_PATHS = (Path("/etc/vantage/vantage.toml"),)
@@ -214,6 +217,9 @@ _KIND_TEXT = {
 }
 
 
+_COLLECTOR_KEYS = frozenset(f.name for f in dataclasses.fields(CollectorSection))
+
+
 def _apply(
     sections: dict[str, dict[str, Any]],
     section: str,
@@ -278,6 +284,13 @@ def load_config(
             continue
         rest = name[len(ENV_PREFIX) :].lower()
         section, _, key = rest.partition("_")
+        if section == "collector" and key not in _COLLECTOR_KEYS:
+            # The collector server's own settings (VANTAGE_SERVER_*, formerly
+            # VANTAGE_COLLECTOR_*) are not the probe's: an operator may run both on one
+            # machine with one environment.
+            log.info("environment %s: not a probe setting (the collector server's), ignored",
+                     name)  # fmt: skip
+            continue
         if section in _SECTIONS:
             _apply(sections, section, key, value, f"environment {name}", from_text=True)
     for dotted, value in (overrides or {}).items():

@@ -117,6 +117,32 @@ def _sqlite_on_connect(busy_timeout: float) -> Callable[[Any, Any], None]:
     return on_connect
 
 
+def _transactional_ddl(engine: sa.Engine) -> sa.Engine:
+    """The engine to migrate with: on SQLite, one whose every statement, DDL included,
+    runs inside the transaction SQLAlchemy began, so that all pending migrations and
+    their ``alembic_version`` row commit together or not at all (a power cut during
+    the first migration leaves an empty database, never tables without a version).
+
+    Python's sqlite3 module starts transactions only before DML and runs CREATE TABLE
+    outside any; SQLAlchemy's documented remedy for pysqlite is to turn that off and
+    emit BEGIN itself. Other databases already run DDL in the transaction.
+    """
+    if engine.dialect.name != "sqlite" or engine.url.database in (None, "", ":memory:"):
+        return engine  # an in-memory database is not shared with a second engine
+    ddl = sa.create_engine(engine.url, poolclass=sa.pool.NullPool)
+    sa.event.listen(ddl, "connect", _sqlite_on_connect(10.0))
+
+    def autocommit_driver(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None
+
+    def begin(conn: sa.Connection) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    sa.event.listen(ddl, "connect", autocommit_driver)
+    sa.event.listen(ddl, "begin", begin)
+    return ddl
+
+
 def vantage_fingerprint(v: VantagePoint) -> str:
     fields = [
         v.probe_id, v.asn, v.cc, v.network_name, v.network_type, v.resolver_ip, v.resolver_asn,
@@ -176,12 +202,17 @@ class Store:
 
         cfg = _alembic_config()
         head = ScriptDirectory.from_config(cfg).get_current_head()
-        with self.engine.begin() as conn:
-            current = MigrationContext.configure(conn).get_current_revision()
-            if current == head:
-                return
-            cfg.attributes["connection"] = conn
-            command.upgrade(cfg, "head")
+        engine = _transactional_ddl(self.engine)
+        try:
+            with engine.begin() as conn:
+                current = MigrationContext.configure(conn).get_current_revision()
+                if current == head:
+                    return
+                cfg.attributes["connection"] = conn
+                command.upgrade(cfg, "head")
+        finally:
+            if engine is not self.engine:
+                engine.dispose()
 
     def close(self) -> None:
         self.engine.dispose()
