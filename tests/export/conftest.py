@@ -51,7 +51,10 @@ def engine(db_url: str) -> Iterator[sa.Engine]:
 
 
 def export_bytes(
-    engine: sa.Engine, fmt: str, chunk_size: int = 1000, scrub: Scrub | None = None,
+    engine: sa.Engine,
+    fmt: str,
+    chunk_size: int = 1000,
+    scrub: Scrub | None = None,
     **filters: object,
 ) -> bytes:
     """The whole export as bytes, in-process (``scrub``: as the probe's command does)."""
