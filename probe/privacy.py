@@ -206,6 +206,7 @@ _V6_RUN = re.compile(
 )
 _SEP6_ANY = re.compile(r"%3[aA]|-")
 _ARPA6 = re.compile(r"(?<![0-9A-Za-z])((?:[0-9A-Fa-f]\.){32})ip6\.arpa", re.IGNORECASE)
+_ANY_DIGIT = re.compile(r"[0-9]")
 _BRACKET_END = re.compile(r"(?:%[0-9A-Za-z._~-]+)?\]")
 _ESCAPE = re.compile(r"\\(?:u([0-9A-Fa-f]{4})|x([0-9A-Fa-f]{2}))")
 
@@ -229,6 +230,22 @@ class _Own:
                 v6.add(int(ip))
         self.v4 = frozenset(v4)
         self.v6 = frozenset(v6)
+        # Literal pieces that every spelling of an address holds: a quick test that
+        # lets most text go without a regular expression. An IPv4 address is spelt
+        # with its largest octet in decimal (dotted, padded, dashed, reversed, escaped
+        # dots) unless it is one number (decimal or hex); an IPv6 address with its
+        # longest group in hex, unless as ip6.arpa nibbles.
+        digits: set[str] = set()
+        hexes: set[str] = {"arpa"} if v6 else set()
+        for value in v4:
+            octets = ipaddress.IPv4Address(value).packed
+            digits |= {str(max(octets)), str(value)}
+            hexes.add(f"{value:08x}")
+        for value in v6:
+            groups = ipaddress.IPv6Address(value).exploded.split(":")
+            hexes.add(max((g.lstrip("0") or "0" for g in groups), key=len))
+        self._digits = tuple(sorted(digits, key=len, reverse=True))
+        self._hexes = tuple(sorted(hexes, key=len, reverse=True))
         # Every spelling of an IPv4 address has a digit, and so has every spelling of an
         # IPv6 one but its compressed form: a string without a digit is skipped unless
         # one of the addresses can be written with letters only.
@@ -262,7 +279,7 @@ class _Own:
                 value = int(token, 16) if token[:2].lower() == "0x" else int(token)
                 if value in self.v4:
                     found.append(number.span())
-        for run in _V6_RUN.finditer(text):
+        for run in _V6_RUN.finditer(text) if self.v6 else ():
             span = _v6_span(run.group())
             if span is None:
                 continue
@@ -279,7 +296,15 @@ class _Own:
         return found
 
     def may_hold(self, text: str) -> bool:
-        return self.letters_only or any(c.isdigit() for c in text)
+        """False when ``text`` certainly spells none of the addresses (before decoding)."""
+        if not self.letters_only and _ANY_DIGIT.search(text) is None:
+            return False
+        if any(d in text for d in self._digits):
+            return True
+        if self._hexes:
+            low = text.lower()
+            return any(h in low for h in self._hexes)
+        return False
 
     def replace(self, text: str) -> str:
         """``text`` with every spelling found replaced by ``[scrubbed]``."""
@@ -322,9 +347,13 @@ class _Own:
 def _v6_span(token: str) -> tuple[ipaddress.IPv6Address, int, int] | None:
     """The IPv6 address a token spells, and how many characters before and after it
     are not part of it (a separator run on: ``sendto 2001:db8::23: no route``)."""
+    normal = _SEP6_ANY.sub(":", token)  # %3A is three characters: offsets via the token
+    # A valid address has eight groups, or an empty one ("::"), or an IPv4 tail: most
+    # tokens (dates, pieces of UUIDs) are none of these and cost no parse.
+    if not ("::" in normal or normal.count(":") >= 7 or "." in normal):
+        return None
     if not re.search(r"[0-9A-Fa-f]", token):
         return None
-    normal = _SEP6_ANY.sub(":", token)  # %3A is three characters: offsets via the token
     for lead, trail in ((0, 0), (0, 1), (1, 0), (1, 1)):
         if lead and not token.startswith((":", "-")):
             continue
@@ -341,6 +370,12 @@ def _v6_span(token: str) -> tuple[ipaddress.IPv6Address, int, int] | None:
         except ValueError:
             continue
     return None
+
+
+def _hints(text: str) -> bool:
+    """Whether ``text`` has what may hide an address (percent-encoding, entities,
+    backslash escapes)."""
+    return "%" in text or "&" in text or "\\" in text
 
 
 def _decodings(text: str) -> Iterable[str]:
@@ -478,6 +513,28 @@ def _body_wire(body: bytes) -> str | dict[str, str]:
     return {"format": "base64", "data": base64.b64encode(body).decode("ascii")}
 
 
+def _json_text(value: Any) -> str:
+    try:
+        import orjson
+    except ImportError:  # pragma: no cover (orjson is a core dependency; stdlib fallback)
+        return json.dumps(value, ensure_ascii=False, default=str)
+    return orjson.dumps(value, default=str).decode("utf-8")
+
+
+def _plain(item: dict[str, Any], kind: str) -> bool:
+    """Whether an observation's only text is its JSON strings: no response body kept
+    encoded, as base64 or truncated (those are decoded, or their hash keyed)."""
+    if kind != "requests":
+        return True
+    response = item.get("response")
+    if not isinstance(response, dict):
+        return True
+    if response.get("body_is_truncated") or not isinstance(response.get("body", ""), str):
+        return False
+    encoding = _header(response.get("headers_list"), "content-encoding")
+    return not _codings(encoding) or _codings(encoding) in (["gzip"], ["x-gzip"], ["deflate"])
+
+
 # -- the scrub --------------------------------------------------------------------------
 
 #: Keys whose values are kept as measured (see the module docstring), by observation list.
@@ -519,7 +576,7 @@ class Scrub:
     def text(self, value: str) -> str:
         """``value`` with the addresses replaced; wholly ``[scrubbed]`` when an address
         is still there once the text is decoded."""
-        if not self._own or not self._own.may_hold(value):
+        if not self._own or not (self._own.may_hold(value) or _hints(value)):
             return value
         new = self._own.replace(value)
         if self._own.hidden(new):
@@ -531,6 +588,8 @@ class Scrub:
     def tree(self, value: Any, kept: frozenset[str] = frozenset()) -> Any:
         """A copy of a JSON-like ``value`` with every string scrubbed, keys included,
         except the values of the dict keys in ``kept`` (top level only)."""
+        if isinstance(value, dict | list) and not kept and self.clean(value):
+            return value
         if isinstance(value, str):
             return self.text(value)
         if isinstance(value, dict):
@@ -602,11 +661,26 @@ class Scrub:
 
     # -- measurements --
 
+    def clean(self, value: Any) -> bool:
+        """True when ``value`` (JSON-like) certainly holds nothing to scrub: one search
+        of its JSON text, which holds every string of it verbatim. Bodies kept encoded
+        or as base64 are not text there: :meth:`observations` never takes this way
+        for a response with a body that is not plain."""
+        if not self._own:
+            return True
+        text = _json_text(value)
+        if "%" in text or "&" in text or r"\\" in text:  # JSON spells a backslash \\
+            return False  # may hide an address: each string is decoded on its own
+        return not (self._own.may_hold(text) and self._own.spans(text))
+
     def observations(self, kind: str, items: list[Any]) -> list[Any]:
         """A wire observation list (``queries``, ``tcp_connect``, ...) scrubbed."""
         kept = _KEPT[kind]
         out = []
         for item in items:
+            if isinstance(item, dict) and _plain(item, kind) and self.clean(item):
+                out.append(item)
+                continue
             if not isinstance(item, dict):
                 out.append(self.tree(item))
                 continue

@@ -241,11 +241,39 @@ def test_missing_database_file_degrades(tmp_path) -> None:
 def test_resolver_whoami_through_the_system_resolver(tmp_path, dns_server, mmdb) -> None:
     dns_server.set("whoami.test", a=[RESOLVER])
     cfg = make_cfg(tmp_path, vantage__resolver_whoami="whoami.test", vantage__asn_db=mmdb[0])
-    found = discover(cfg, dns_server.host, machine=machine(tmp_path, dns_port=dns_server.port))
+    found = discover(cfg, dns_server.host,
+                     machine=machine(tmp_path, (PUBLIC,), dns_port=dns_server.port))  # fmt: skip
     v = found.vantage
     assert ("whoami.test", "A", "udp") in dns_server.queries
     assert (v.resolver_ip, v.resolver_asn, v.resolver_network_name) == (
         RESOLVER, 64511, "Resolver Net")  # fmt: skip
+
+
+def test_resolver_address_is_not_kept_while_the_public_address_is_unknown(
+    tmp_path, dns_server, mmdb
+) -> None:
+    # Behind a NAT with no collector to say the public address, a router that resolves
+    # recursively answers whoami with it: the address cannot be told apart, so it goes.
+    dns_server.set("whoami.test", a=[RESOLVER])
+    cfg = make_cfg(tmp_path, vantage__resolver_whoami="whoami.test", vantage__asn_db=mmdb[0])
+    found = discover(cfg, dns_server.host, machine=machine(tmp_path, dns_port=dns_server.port))
+    v = found.vantage
+    assert (v.resolver_ip, v.resolver_asn, v.resolver_network_name) == (
+        None, 64511, "Resolver Net")  # fmt: skip
+    assert not found.public_known
+    assert any("resolver's address is not kept" in n for n in found.notes)
+
+
+def test_an_address_learnt_once_is_scrubbed_when_nothing_can_tell_it(
+    tmp_path, dns_server, collector
+) -> None:
+    collector.answer({"ip": PUBLIC, "asn": 64496, "cc": "SE"})
+    cfg = make_cfg(tmp_path, collector__url=collector.url)
+    assert PUBLIC in discover(cfg, None, machine=machine(tmp_path)).scrub
+    # The collector is blocked now: the address is still known, from the data directory.
+    blocked = make_cfg(tmp_path, collector__url="http://127.0.0.1:9")
+    found = discover(blocked, None, machine=machine(tmp_path))
+    assert PUBLIC in found.scrub and not found.public_known
 
 
 def test_resolver_lookup_failure_degrades(tmp_path, dns_server) -> None:
