@@ -40,26 +40,34 @@ EX_NOPERM = 77  # no informed consent recorded (`vantage consent`)
 EX_CONFIG = 78
 EX_INTERRUPTED = 130
 
-#: The probe's other commands, each module named after its role. A module's
-#: ``add_parser(sub)`` adds its sub-commands and sets ``config_handler=fn(args, cfg)``
-#: (and optionally ``overrides=fn(args) -> {"section.key": value}``): ``main`` then
-#: merges the config and turns configuration, catalog and database errors into their
-#: exit codes for it.
-COMMAND_MODULES: tuple[str, ...] = (
-    "probe.daemon.commands",  # daemon, consent, status
-    "probe.doctor",  # doctor
-    "probe.outbox.commands",  # enroll, upload
-    "probe.export.commands",  # export
-)
-
-
-#: Commands parsed with only their own module: the other commands' modules (and what
-#: they import) never load into the daemon's memory, and `status` starts fast.
-LEAN_COMMANDS: dict[str, str] = {
-    "daemon": "probe.daemon.commands",
-    "status": "probe.daemon.commands",
-    "consent": "probe.daemon.commands",
-}
+#: Every command of the probe: the module that adds it (``add_parser(sub)``, which sets
+#: ``config_handler=fn(args, cfg)`` and optionally ``overrides=fn(args) -> {"section.key":
+#: value}``; ``main`` then merges the config and turns configuration, catalog and
+#: database errors into exit codes) and its help line. ``vantage --help`` lists them from
+#: here, and a command loads only its own module: `--version`, `--help` and `status`
+#: answer at once on a Raspberry Pi, and the daemon never loads what it does not use.
+#: A test checks each help line against the module's own.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "run": ("probe.cli", "measure the catalog once, store and print the results"),
+    "targets": ("probe.cli", "list the services and targets of the catalog"),
+    "lab": ("probe.lab.cli", "the censorship lab: run the probe against a simulated censor"),
+    "daemon": ("probe.daemon.commands",
+               "measure on the schedule of [suites] until stopped (what systemd runs)"),
+    "consent": ("probe.daemon.commands",
+                "read what the probe does, keeps, shares and risks; record acceptance"),
+    "status": ("probe.daemon.commands",
+               "last and next run per suite, blocking events, storage, upload backlog"),
+    "doctor": ("probe.doctor",
+               "check permissions, raw sockets, clock, disk, resolver, database, consent"),
+    "enroll": ("probe.outbox.commands",
+               "register this probe with a collector (once), with a token from its operator"),
+    "upload": ("probe.outbox.commands", "upload pending measurements to the collector now"),
+    "export": ("probe.export.commands", "export measurements as JSONL, CSV, Parquet or OONI data"),
+}  # fmt: skip
+#: Entry-point group of commands from other installed parts of Vantage (the collector's
+#: ``control`` and ``collector``): each entry point is named after the command it adds,
+#: so the probe never imports one unless that command is asked for.
+PLUGIN_GROUP = "vantage.commands"
 
 
 def _command(argv: Sequence[str] | None) -> str | None:
@@ -74,7 +82,9 @@ def _command(argv: Sequence[str] | None) -> str | None:
     return known.command
 
 
-def _parser(lean: str | None = None) -> argparse.ArgumentParser:
+def _parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The command line, with only ``command``'s own options parsed in full (see
+    :data:`COMMANDS`)."""
     p = argparse.ArgumentParser(
         prog="vantage",
         description="Measure whether messaging services are reachable, and keep the evidence.",
@@ -84,10 +94,33 @@ def _parser(lean: str | None = None) -> argparse.ArgumentParser:
         "--config", type=Path, help="config file (default /etc/vantage/vantage.toml if present)"
     )
     sub = p.add_subparsers(dest="command", required=True)
-    if lean is not None:
-        importlib.import_module(LEAN_COMMANDS[lean]).add_parser(sub)
-        return p
+    module = COMMANDS[command][0] if command in COMMANDS else None
+    if module == "probe.cli":
+        _add_run_and_targets(sub)
+    elif module is not None:
+        importlib.import_module(module).add_parser(sub)
+    plugins = {entry.name: entry for entry in entry_points(group=PLUGIN_GROUP)}
+    if module is None and command is not None:
+        # A command of another installed part (or a mistake, which argparse then names
+        # with every choice): its registration is loaded, and run at most once each.
+        wanted = [plugins[command]] if command in plugins else list(plugins.values())
+        done: set[str] = set()
+        for entry in wanted:
+            if entry.value not in done:
+                done.add(entry.value)
+                entry.load()(sub)
+    added = set(sub.choices)
+    for name, (_, text) in COMMANDS.items():
+        if name not in added:  # listed by --help, parsed only when it is the command
+            sub.add_parser(name, help=text)
+    for name, entry in plugins.items():
+        if name not in sub.choices:
+            sub.add_parser(name, help=f"installed with {entry.value.split('.')[0]}: "
+                                      f"`vantage {name} --help`")  # fmt: skip
+    return p
 
+
+def _add_run_and_targets(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     def catalog_args(sp: argparse.ArgumentParser) -> None:
         sp.add_argument(
             "--targets",
@@ -107,7 +140,7 @@ def _parser(lean: str | None = None) -> argparse.ArgumentParser:
         )
         sp.add_argument("--json", action="store_true", help="JSON lines on stdout")
 
-    run = sub.add_parser("run", help="measure the catalog once, store and print the results")
+    run = sub.add_parser("run", help=COMMANDS["run"][1])
     catalog_args(run)
     run.add_argument("--db", help="SQLAlchemy database URL (default: SQLite in the data directory)")
     run.add_argument("--data-dir", help="where the probe id and default database live")
@@ -137,19 +170,8 @@ def _parser(lean: str | None = None) -> argparse.ArgumentParser:
         metavar="CIDR",
         help="treat this reserved range as public (lab and test networks)",
     )
-
-    targets = sub.add_parser("targets", help="list the services and targets of the catalog")
+    targets = sub.add_parser("targets", help=COMMANDS["targets"][1])
     catalog_args(targets)
-    from probe.lab import cli as lab_cli
-
-    lab_cli.add_parser(sub)
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).add_parser(sub)
-    # Commands from other installed parts of Vantage (the collector's `control`),
-    # found by name so the probe never imports them.
-    for entry in entry_points(group="vantage.commands"):
-        entry.load()(sub)
-    return p
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -297,8 +319,7 @@ def _is(exc: BaseException, module: str, name: str) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    command = _command(argv)
-    args = _parser(command if command in LEAN_COMMANDS else None).parse_args(argv)
+    args = _parser(_command(argv)).parse_args(argv)
     if args.command == "lab":
         from probe.lab import cli as lab_cli
 

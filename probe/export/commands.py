@@ -31,7 +31,7 @@ import sqlalchemy as sa
 from probe.config import Config
 from probe.export.filters import FilterError, parse_filters
 from probe.export.ooni import AsnLookup
-from probe.export.parquet import PARTITION_KEYS
+from probe.export.parquet import PARTITION_KEYS, PyArrowMissing
 from probe.export.pseudonym import KeyFileError, Pseudonymizer
 from probe.export.reader import ReadError, StoredDataError
 from probe.export.stream import FORMATS, Export, ExportError, NothingToExport, UnknownFormat
@@ -40,6 +40,7 @@ from probe.export.writer import OutputError, atomic_directory, atomic_file, stan
 EX_USAGE = 64
 EX_DATAERR = 65
 EX_CANTCREAT = 73
+EX_UNAVAILABLE = 69  # a needed optional package is not installed (pyarrow)
 EX_IOERR = 74
 EX_INTERRUPTED = 130
 
@@ -287,6 +288,8 @@ def run_export(
         return _fail(f"database error: {exc}", EX_IOERR)
     except ExportError as exc:
         return _fail(exc, EX_USAGE)
+    except PyArrowMissing as exc:
+        return _fail(exc, EX_UNAVAILABLE)
     except KeyboardInterrupt:
         to_file = args.out not in (None, "-")
         return _fail("interrupted: nothing written" if to_file else "interrupted",

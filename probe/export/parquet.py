@@ -40,14 +40,32 @@ REQUIRED = frozenset(
 )  # fmt: skip
 
 
+class PyArrowMissing(RuntimeError):
+    """pyarrow is not installed (it has no wheels for 32-bit Raspberry Pi OS)."""
+
+
+MISSING = (
+    "Parquet export needs pyarrow, which is not installed: pip install "
+    "'vantage-probe[parquet]' (there are no pyarrow wheels for 32-bit Raspberry Pi OS: "
+    "export --format csv or jsonl there, and convert on another machine)"
+)
+
+
 def _pa() -> Any:
     try:
         import pyarrow
-    except ImportError as exc:  # pragma: no cover - pyarrow is an optional dependency
-        raise RuntimeError(
-            "Parquet export needs pyarrow: pip install 'vantage-probe[parquet]'"
-        ) from exc
+    except ImportError as exc:  # pyarrow is an optional dependency
+        raise PyArrowMissing(MISSING) from exc
     return pyarrow
+
+
+def _pq() -> Any:
+    _pa()
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as exc:
+        raise PyArrowMissing(MISSING) from exc
+    return pq
 
 
 def schema() -> Any:
@@ -128,8 +146,7 @@ class ParquetEncoder:
     stdout_ok = False
 
     def __init__(self, rows_per_group: int = ROWS_PER_GROUP) -> None:
-        import pyarrow.parquet as pq
-
+        pq = _pq()
         self.rows_per_group = rows_per_group
         self._drain = _Drain()
         self._writer = pq.ParquetWriter(self._drain, schema(), compression="snappy")
@@ -225,8 +242,7 @@ class PartitionedWriter:
         return self.directory.joinpath(*parts, "part-0.parquet")
 
     def _flush(self, key: tuple[str, ...]) -> None:
-        import pyarrow.parquet as pq
-
+        pq = _pq()
         tables = self._buffers.pop(key, [])
         rows = self._counts.pop(key, 0)
         if not tables:

@@ -20,7 +20,7 @@ def test_the_daemon_path_imports_nothing_heavy(tmp_path: Path) -> None:
     Store.open(url).close()  # migrated: opening it again needs no alembic
     code = f"""
 import sys
-from probe.cli import LEAN_COMMANDS, _parser
+from probe.cli import _parser
 _parser("daemon").parse_args(["daemon"])
 from probe.daemon import commands, lifecycle, runs, schedule, retention, status
 from probe.store import Store

@@ -309,3 +309,20 @@ def test_a_malformed_stored_measurement_is_65_and_named(db_path: Path, tmp_path:
     assert _export("--format", "jsonl", "--db", f"sqlite:///{copy}", "--out", str(out)) == 65
     assert f"measurement {uid}: a " in capsys.readouterr().err
     assert not out.exists() and _leftovers(tmp_path) == []
+
+
+def test_parquet_without_pyarrow_says_what_to_do(db_url, tmp_path: Path) -> None:
+    # As on 32-bit Raspberry Pi OS, where pyarrow has no wheel: no traceback, exit 69.
+    code = ("import sys; sys.modules['pyarrow'] = None; from probe.cli import main; "
+            "sys.exit(main(sys.argv[1:]))")  # fmt: skip
+    out = tmp_path / "m.parquet"
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "export", "--format", "parquet", "--db", db_url,
+         "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "VANTAGE_PROBE_DATA_DIR": str(tmp_path)},
+    )  # fmt: skip
+    assert proc.returncode == 69, proc.stderr
+    assert "Traceback" not in proc.stderr and "pyarrow" in proc.stderr
+    assert "vantage-probe[parquet]" in proc.stderr and not out.exists()
+    assert _leftovers(tmp_path) == []

@@ -153,14 +153,20 @@ def test_ctrl_c_stops_cleanly_and_keeps_what_finished(tmp_path: Path, certs, ca_
         catalog = tmp_path / "slow.toml"
         _catalog(catalog, web.port, 200)
         db = tmp_path / "int.db"
-        proc = subprocess.Popen(
-            _run_args(catalog, db, tmp_path, dns_server.port, ca_file, concurrency=4),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-        )  # fmt: skip
-        assert proc.stdout is not None
-        first = [proc.stdout.readline() for _ in range(8)]
-        proc.send_signal(signal.SIGINT)
-        rest, err = proc.communicate(timeout=30)
+        errors = tmp_path / "stderr.txt"
+        with errors.open("w") as err_file:
+            proc = subprocess.Popen(
+                _run_args(catalog, db, tmp_path, dns_server.port, ca_file, concurrency=4),
+                stdout=subprocess.PIPE, stderr=err_file, text=True, cwd=ROOT,
+            )  # fmt: skip
+            assert proc.stdout is not None
+            first = [proc.stdout.readline() for _ in range(8)]
+            proc.send_signal(signal.SIGINT)
+            # The rest through the same buffered reader: communicate() would read the
+            # pipe's descriptor and lose what readline() had read ahead (a line seen cut).
+            rest = proc.stdout.read()
+            proc.wait(timeout=30)
+        err = errors.read_text()
     assert proc.returncode == 130, err
     printed = [json.loads(line) for line in first + rest.splitlines() if line.strip()]
     assert 8 <= len(printed) < 200 and "(interrupted)" in err
