@@ -256,6 +256,11 @@ class Daemon:
         self.schedule = schedule
         changes = schedule.start(cfg.suites)
         self._log_changes(changes)
+        for name in runner.pending_runs():
+            since = runner.state.suite(name).get("pending")
+            log.info("suite %s: the run due since %s (the daemon stopped while it waited out "
+                     "the residual gap) is made now", name, since)  # fmt: skip
+            self._tasks.append(asyncio.create_task(runner.due(name)))
         self._start_uploader(cfg)
         self._tasks.append(asyncio.create_task(self._retention()))
         self.state.activity("idle")

@@ -226,7 +226,13 @@ class SuiteRunner:
                     cfg.daemon.residual_gap,
                 )
                 self._activity("waiting", f"suite {name}: residual gap, {wait:.0f} s")
+                # Kept across a stop: a daemon stopped while the run waits makes the run
+                # when it comes back (``pending_runs``), never drops it.
+                self.state.suite_result(name, pending=self.state.suite(name).get("pending")
+                                        or iso(_now()))  # fmt: skip
                 if not await self._pause_for(wait):
+                    log.info("suite %s: stopped while waiting out the residual gap: the run "
+                             "is made when the daemon starts again", name)  # fmt: skip
                     return
             await self._run(cfg, suite, services, targets)
 
@@ -255,7 +261,7 @@ class SuiteRunner:
         )
         self.current = run
         log.info("suite %s: measuring %d targets", suite.name, len(run.targets))
-        self.state.suite_result(suite.name, last_started=iso(_now()))
+        self.state.suite_result(suite.name, last_started=iso(_now()), pending=None)
         self._activity("measuring", f"suite {suite.name}: {len(run.targets)} targets")
         task = asyncio.ensure_future(run.execute())
         self.current_task = task
@@ -287,6 +293,17 @@ class SuiteRunner:
             last_measured=len(result.measurements),
             last_finished=iso(_now()),
             last_error=None,
+        )
+
+    def pending_runs(self) -> list[str]:
+        """Suites whose due run waited out the residual gap when the daemon stopped:
+        made as soon as it starts again."""
+        suites = self.state.doc.get("suites") or {}
+        configured = {s.name for s in self.cfg.suites}
+        return sorted(
+            name
+            for name, entry in suites.items()
+            if isinstance(entry, dict) and entry.get("pending") and name in configured
         )
 
     async def stop(self, grace: float) -> None:

@@ -116,6 +116,7 @@ def gather(cfg: Config, *, disk_free: DiskFree = disk_free) -> dict[str, Any]:
                     "last_missed": entry.get("last_missed"),
                     "last_skip": entry.get("last_skip"),
                     "last_skipped": entry.get("last_skipped"),
+                    "pending": entry.get("pending"),
                     "last_error": entry.get("last_error"),
                 }
             )
@@ -294,6 +295,9 @@ def render(doc: dict[str, Any], out: IO[str], now: dt.datetime | None = None) ->
         if s["missed"]:
             report = (s.get("last_missed") or {}).get("report", "")
             out.write(f"  missed  {s['missed']} run(s) in all; last: {report}\n")
+        if s.get("pending"):
+            out.write(f"  pending since {_ago(s.get('pending'), now)}: waits out the residual "
+                      "gap (made when the daemon runs)\n")  # fmt: skip
         if s.get("last_skip"):
             out.write(f"  skipped {_ago(s.get('last_skipped'), now)}: {s['last_skip']}\n")
         if s.get("last_error"):

@@ -5,6 +5,7 @@ notifications. Loopback only."""
 from __future__ import annotations
 
 import asyncio
+import io
 import datetime as dt
 import json
 import os
@@ -101,6 +102,41 @@ def test_residual_gap_is_remembered_across_a_restart(tmp_path: Path, dns: DNSSer
     wait, why = fresh.ledger.wait(targets, time.time())
     fresh.store.close()
     assert 25.0 < wait <= 30.0 and why == ["shared.test"]
+
+
+def test_a_run_waiting_out_the_gap_when_the_daemon_stops_is_made_when_it_starts(
+    tmp_path: Path, dns: DNSServer
+) -> None:
+    cfg, catalog = _setup(tmp_path, dns, daemon={"residual_gap": 30.0})
+    runner = _runner(cfg, catalog)
+
+    async def stopped_while_waiting() -> None:
+        await runner.due("a")
+        waiting = asyncio.ensure_future(runner.due("b"))  # shared.test: waits 30 s
+        while runner.state.suite("b").get("pending") is None:
+            await asyncio.sleep(0.01)
+        await runner.stop(grace=1.0)  # the daemon stops during the wait
+        await waiting
+
+    asyncio.run(stopped_while_waiting())
+    runner.store.close()
+    assert [r[0] for r in _runs(cfg)] == ["a"]  # b was not measured...
+    state = read_state(cfg.data_dir() / "daemon.json")
+    assert state["suites"]["b"]["pending"]  # ...but it is not forgotten
+    shown = io.StringIO()
+    render(gather(cfg), shown)
+    assert "pending since" in shown.getvalue()
+    # The daemon comes back (the gap has passed): the run is made, and no longer pending.
+    back = load_config(write_config(tmp_path / "v2.toml", config_doc(
+        tmp_path / "data", dns.port, suites={"a": {"services": ["lab"]}, "b": {"services": ["lab"]}},
+        daemon={"residual_gap": 0.0})), env=os.environ)  # fmt: skip
+    fresh = _runner(back, catalog)
+    assert fresh.pending_runs() == ["b"]
+    for name in fresh.pending_runs():
+        asyncio.run(fresh.due(name))
+    fresh.store.close()
+    assert [r[0] for r in _runs(cfg)] == ["a", "b"]
+    assert fresh.pending_runs() == []
 
 
 def test_ledger_keys_on_the_host_and_exempts_controls() -> None:
