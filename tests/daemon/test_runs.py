@@ -5,8 +5,8 @@ notifications. Loopback only."""
 from __future__ import annotations
 
 import asyncio
-import io
 import datetime as dt
+import io
 import json
 import os
 import socket
