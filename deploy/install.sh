@@ -28,6 +28,10 @@
 #                  (files dbip-asn-lite-YYYY-MM.mmdb.gz, dbip-country-lite-...);
 #                  also with --offline (a mirror on the local network)
 #   --no-enable    install the unit, but do not enable or start it
+#   --add-user USER  add USER to the vantage group, so that USER's own `vantage status`
+#                  and `vantage export` can read the probe's data (default: the user
+#                  who ran sudo, $SUDO_USER)
+#   --no-add-user  add nobody to the group
 #   -h, --help     this text
 #
 # Environment: VANTAGE_INSTALL_OFFLINE=1 is --offline; PYTHON names the Python that
@@ -51,10 +55,17 @@ offline=0
 download=1
 geoip_from=""
 enable=1
+# The volunteer who ran `sudo ./install.sh` joins the vantage group (status, export).
+add_user=${SUDO_USER:-}
+[[ $add_user == root ]] && add_user=""
 [[ ${VANTAGE_INSTALL_OFFLINE:-0} == 1 ]] && offline=1
 
 usage() {
   sed -n '2,/^$/{s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"
+}
+
+note() {
+  echo "note: $*"
 }
 
 die() {
@@ -73,6 +84,8 @@ while [[ $# -gt 0 ]]; do
     --no-download) download=0; shift ;;
     --geoip-from) [[ $# -ge 2 ]] || die "--geoip-from needs a URL"; geoip_from=$2; shift 2 ;;
     --no-enable) enable=0; shift ;;
+    --add-user) [[ $# -ge 2 ]] || die "--add-user needs a user name"; add_user=$2; shift 2 ;;
+    --no-add-user) add_user=""; shift ;;
     -h | --help) usage; exit 0 ;;
     *) die "unknown option $1 (see --help)" ;;
   esac
@@ -221,16 +234,36 @@ source_stamp() {
   )
 }
 
+recent_python() {
+  command -v "$1" >/dev/null 2>&1 && "$1" -c 'import sys; sys.exit(sys.version_info < (3, 11))'
+}
+
 check_python() {
-  command -v "$PYTHON" >/dev/null || die "$PYTHON not found: sudo apt-get install python3"
-  "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
-    || die "Vantage needs Python 3.11 or newer ($PYTHON is $("$PYTHON" -V 2>&1))"
+  if ! recent_python "$PYTHON"; then
+    local found="" candidate was="not found"
+    if command -v "$PYTHON" >/dev/null 2>&1; then was=$("$PYTHON" -V 2>&1); fi
+    for candidate in python3.13 python3.12 python3.11; do
+      if recent_python "$candidate"; then found=$candidate; break; fi
+    done
+    if [[ -z $found ]]; then
+      die "Vantage needs Python 3.11 or newer ($PYTHON: $was), and none is installed.
+  Raspberry Pi OS bullseye (Debian 11) ships Python 3.9: upgrade to bookworm (Debian 12)
+  or later, or install a Python 3.11+ and run: sudo PYTHON=/path/to/python3.11 $0"
+    fi
+    note "$PYTHON is $was: using $found, which is recent enough"
+    PYTHON=$found
+  fi
   if [[ $offline == 0 ]] && ! "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null; then
+    local venv_pkg
+    venv_pkg="python3.$("$PYTHON" -c 'import sys; print(sys.version_info[1])')-venv"
     if real_system && command -v apt-get >/dev/null; then
-      changed "install python3-venv (virtualenvs need it)"
-      run apt-get install -y python3-venv
+      changed "install python3-venv (virtualenvs need it): apt-get update, then install"
+      run apt-get update -qq \
+        || die "apt-get update failed: check the network and /etc/apt/sources.list, then run $0 again"
+      run apt-get install -y python3-venv "$venv_pkg" || run apt-get install -y python3-venv \
+        || die "apt-get cannot install python3-venv: install it by hand, then run $0 again"
     else
-      die "$PYTHON cannot make virtualenvs: install python3-venv"
+      die "$PYTHON cannot make virtualenvs: install python3-venv (or $venv_pkg), then run $0 again"
     fi
   fi
 }
@@ -301,6 +334,27 @@ ensure_package() {
     if [[ -f $from ]]; then run "${pip[@]}" --force-reinstall --no-deps "$from"; fi
   fi
   if [[ $dry_run == 0 ]]; then echo "$stamp" >"$(at "$SOURCE_STAMP")"; fi
+  if [[ $dry_run == 0 ]] && ! "$venv/bin/python" -c 'import maxminddb.extension' 2>/dev/null; then
+    note "maxminddb's C extension was not built here (no compiler or Python headers):" \
+      "the pure-Python reader is used instead; IP lookups are slower, results the same"
+  fi
+}
+
+# The volunteer's own account may read status and export: it joins the service's group.
+ensure_group_member() {
+  local user=$add_user
+  if [[ -z $user ]]; then
+    return
+  elif ! real_system; then
+    skipped "usermod -aG $SERVICE_USER $user (--root)"
+  elif ! getent passwd "$user" >/dev/null; then
+    note "no user $user: nobody was added to the $SERVICE_USER group"
+  elif id -nG "$user" | tr ' ' '\n' | grep -qx "$SERVICE_USER"; then
+    same "$user is in the $SERVICE_USER group"
+  else
+    changed "add $user to the $SERVICE_USER group (status, export; log in again to use it)"
+    run usermod -aG "$SERVICE_USER" "$user"
+  fi
 }
 
 ensure_link() {
@@ -422,7 +476,11 @@ ensure_service() {
     return
   fi
   if ! systemd_running; then
-    skipped "systemd is not running here: start the probe with 'sudo -u $SERVICE_USER $LINK daemon'"
+    if command -v sudo >/dev/null 2>&1; then
+      skipped "systemd is not running here: start the probe with 'sudo -u $SERVICE_USER $LINK daemon'"
+    else
+      skipped "systemd is not running here: start the probe with 'su -s /bin/sh $SERVICE_USER -c \"$LINK daemon\"'"
+    fi
     return
   fi
   if [[ $unit_changed == 1 || $package_changed == 1 ]]; then
@@ -446,16 +504,31 @@ ensure_service() {
 
 next_steps() {
   [[ $dry_run == 1 ]] && return
-  cat <<EOF
-
-Next steps:
-  sudo -u $SERVICE_USER vantage consent  # what Vantage does, keeps, shares, risks
-  sudo systemctl restart vantage    # it measures only once you have consented
-  sudo vantage doctor               # permissions, clock, disk, resolver, database
-  sudo -u $SERVICE_USER vantage status   # last and next runs, blocking events
-  journalctl -u vantage -f          # the daemon's log
-  sudoedit $CONFIG  # then: sudo systemctl reload vantage
-EOF
+  # Only commands this system has: sudo or su, systemd or not.
+  local svc="sudo -u $SERVICE_USER" q="" admin="sudo " edit="sudoedit $CONFIG"
+  if ! command -v sudo >/dev/null 2>&1; then
+    svc="su -s /bin/sh $SERVICE_USER -c" q="'" admin="" edit="\$EDITOR $CONFIG (as root)"
+  fi
+  echo
+  echo "Next steps:"
+  echo "  $svc ${q}vantage consent${q}   # what Vantage does, keeps, shares, risks"
+  if systemd_running; then
+    echo "  ${admin}systemctl restart vantage   # it measures only once you have consented"
+  else
+    echo "  $svc ${q}$LINK daemon${q} &   # no systemd here: start the daemon yourself"
+  fi
+  echo "  ${admin}vantage doctor   # permissions, clock, disk, resolver, database"
+  if [[ -n $add_user ]]; then
+    echo "  vantage status   # as $add_user, once logged in again (group $SERVICE_USER)"
+  else
+    echo "  ${admin}vantage status   # or as any member of the $SERVICE_USER group"
+  fi
+  if systemd_running; then
+    echo "  journalctl -u vantage -f   # the daemon's log"
+    echo "  $edit   # then: ${admin}systemctl reload vantage"
+  else
+    echo "  $edit   # then restart the daemon"
+  fi
 }
 
 do_install() {
@@ -471,6 +544,7 @@ do_install() {
   [[ -n $root ]] && echo "installing into the staging root $root"
   check_python
   ensure_user
+  ensure_group_member
   ensure_dir "$ETC" 0755
   ensure_dir "$DATA" 0750 "$SERVICE_USER"
   ensure_venv

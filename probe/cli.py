@@ -12,7 +12,6 @@ Exit codes: 0 done; 4 the run hit its deadline (what finished is stored);
 from __future__ import annotations
 
 import argparse
-import asyncio
 import importlib
 import json
 import os
@@ -201,6 +200,8 @@ def _run_options(args: argparse.Namespace) -> RunOptions:
 
 async def _measure(suite_run: SuiteRun) -> RunResult:
     """The run, stopped by Ctrl-C or SIGTERM (what is in flight is kept, interrupted)."""
+    import asyncio
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, suite_run.stop, "interrupted")
@@ -212,6 +213,8 @@ async def _measure(suite_run: SuiteRun) -> RunResult:
 
 
 def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
+    import asyncio
+
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -311,6 +314,15 @@ def cmd_targets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _database_hint(cfg: Config | None) -> str | None:
+    """Why the probe's SQLite file could not be opened, when it is access."""
+    if cfg is None or not cfg.db_url().startswith("sqlite:///"):
+        return None
+    from probe.access import access_hint
+
+    return access_hint(Path(cfg.db_url()[len("sqlite:///") :]))
+
+
 def _is(exc: BaseException, module: str, name: str) -> bool:
     """``isinstance(exc, module.name)``, importing nothing: an exception of a module
     that was never imported cannot have been raised."""
@@ -326,6 +338,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return lab_cli.main(args)
     if hasattr(args, "handler"):
         return int(args.handler(args))
+    cfg: Config | None = None
     try:
         config_path = args.config or (
             Path(os.environ["VANTAGE_CONFIG"]) if "VANTAGE_CONFIG" in os.environ else None
@@ -360,5 +373,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RuntimeError as exc:
         if _is(exc, "probe.store", "StoreError"):
             print(f"vantage: database error: {exc}", file=sys.stderr)
+            hint = _database_hint(cfg)
+            if hint:
+                print(f"vantage: {hint}", file=sys.stderr)
             return EX_IOERR
         raise

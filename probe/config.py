@@ -262,6 +262,11 @@ def load_config(
     if path is not None:
         try:
             doc = tomllib.loads(path.read_text("utf-8"))
+        except PermissionError as exc:
+            from probe.access import access_hint
+
+            hint = access_hint(path) or "run it with sudo"
+            raise ConfigError(f"{path}: cannot read config: permission denied; {hint}") from exc
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"{path}: cannot read config: {exc}") from exc
         except RecursionError as exc:

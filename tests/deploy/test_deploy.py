@@ -335,3 +335,72 @@ def test_ip_databases_fetched_from_a_mirror_and_configured(tmp_path: Path) -> No
     assert "skipped: IP database" in down.stdout
     assert not list((stage / "var/lib/vantage").iterdir())
     assert load_config(stage / "etc/vantage/vantage.toml", env={}).vantage.asn_db == ""
+
+
+# -- the installer's fallbacks (issue 16) ---------------------------------------------------
+
+
+def _fake_python(directory: Path, name: str, minor: int, venv: bool = True) -> Path:
+    """A stand-in interpreter that says it is Python 3.MINOR (and whether it can make
+    virtualenvs): the installer asks only those questions before it uses one."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / name
+    path.write_text(f"""#!/bin/sh
+case "$*" in
+  *"version_info < (3, 11)"*) [ {minor} -ge 11 ] && exit 0 || exit 1 ;;
+  *"import ensurepip, venv"*) exit {0 if venv else 1} ;;
+  *"version_info[1]"*) echo {minor} ;;
+  -V) echo "Python 3.{minor}.2" ;;
+esac
+exit 0
+""")
+    path.chmod(0o755)
+    return path
+
+
+def test_an_old_python_is_passed_over_for_a_recent_one(tmp_path: Path) -> None:
+    bin_dir = tmp_path / "bin"
+    old = _fake_python(bin_dir, "python3", 9)
+    (bin_dir / "python3.11").symlink_to(sys.executable)
+    env = {"PYTHON": str(old), "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    result = run_install("--dry-run", "--no-download", "--root", str(tmp_path / "s"), env=env)
+    assert result.returncode == 0, result.stderr
+    assert "is Python 3.9.2: using python3.11" in result.stdout
+
+
+def test_no_recent_python_says_the_way_forward(tmp_path: Path) -> None:
+    bin_dir = tmp_path / "bin"
+    old = _fake_python(bin_dir, "python3", 9)
+    path = f"{bin_dir}:/usr/bin:/bin"  # no python3.11+ there (a fresh bullseye)
+    if any(Path(d, f"python3.{m}").exists() for d in ("/usr/bin", "/bin") for m in (11, 12, 13)):
+        pytest.skip("this machine has a system python3.11+ in /usr/bin")
+    result = run_install("--dry-run", "--no-download", env={"PYTHON": str(old), "PATH": path})
+    assert result.returncode != 0
+    assert "Python 3.11 or newer" in result.stderr and "bookworm" in result.stderr
+    assert "PYTHON=/path/to/python3.11" in result.stderr
+
+
+def test_missing_venv_is_installed_after_an_apt_update(tmp_path: Path) -> None:
+    fake = _fake_python(tmp_path / "bin", "python3", 11, venv=False)
+    result = run_install("--dry-run", "--no-download", env={"PYTHON": str(fake)})
+    assert result.returncode == 0, result.stderr
+    update = result.stdout.find("$ apt-get update")
+    install = result.stdout.find("$ apt-get install -y python3-venv python3.11-venv")
+    assert 0 <= update < install, result.stdout
+
+
+def test_the_invoking_user_joins_the_group_and_next_steps_fit_the_system(tmp_path: Path) -> None:
+    source = snapshot_source(tmp_path / "src")
+    stage = tmp_path / "stage"
+    result = run_install("--root", str(stage), "--from", str(source), "--offline",
+                         env={"SUDO_USER": "pi"})  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "skipped: usermod -aG vantage pi (--root)" in result.stdout
+    steps = result.stdout[result.stdout.index("Next steps:"):]
+    assert "vantage status   # as pi" in steps
+    if not Path("/run/systemd/system").is_dir():  # no systemd: no systemctl or journalctl
+        assert "systemctl" not in steps and "journalctl" not in steps
+        assert "daemon" in steps
+    nobody = run_install("--dry-run", "--no-download", "--no-add-user",
+                         env={"SUDO_USER": "pi"})  # fmt: skip
+    assert "usermod" not in nobody.stdout

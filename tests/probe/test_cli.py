@@ -121,3 +121,32 @@ def test_targets_and_version() -> None:
     assert len(targets) == 18 and targets[0]["host"] == "e1.whatsapp.net"
     proc = vantage("--version")
     assert proc.returncode == 0 and proc.stdout.startswith("vantage ")
+
+
+def test_every_command_is_listed_with_its_modules_own_help() -> None:
+    import argparse
+
+    from probe.cli import COMMANDS, _parser
+
+    def helps(command: str | None) -> dict[str, str | None]:
+        p = _parser(command)
+        sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
+        return {a.dest: a.help for a in sub._choices_actions}
+
+    listed = helps(None)
+    for name, (_, text) in COMMANDS.items():
+        assert listed[name] == text
+        assert helps(name)[name] == text, f"{name}: the module's help line differs"
+    assert {"control", "collector"} <= set(listed)  # the collector's, by entry point name
+
+
+def test_version_and_help_load_nothing_heavy() -> None:
+    code = ("import sys\nfrom probe.cli import main\n"
+            "for argv in (['--version'], ['--help']):\n"
+            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+            "heavy = ('sqlalchemy', 'httpx', 'fastapi', 'rich', 'dns', 'asyncio', "
+            "'collectors.cli', 'probe.store')\n"
+            "print(' '.join(m for m in heavy if m in sys.modules), file=sys.stderr)\n")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=ROOT, timeout=60)  # fmt: skip
+    assert proc.stderr.strip() == "", proc.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -90,3 +91,47 @@ def test_example_config_documents_every_key(tmp_path: Path) -> None:
     expected |= {f"suites.{g.name}" for g in dataclasses.fields(Config().suites[0])}
     expected.discard("suites.name")  # the table's own name
     assert keys == expected
+
+
+def test_a_config_the_user_may_not_read_names_the_group(tmp_path: Path) -> None:
+    # As the volunteer's own account, outside the group the installer gives the file to.
+    import grp
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to act as another user")
+    group = grp.getgrnam("daemon").gr_name if _has_group("daemon") else None
+    if group is None:
+        pytest.skip("no group to give the file to")
+    place = Path(tempfile.mkdtemp(prefix="vantage-access-"))
+    try:
+        place.chmod(0o755)
+        config = place / "vantage.toml"
+        config.write_text("[probe]\n")
+        config.chmod(0o640)
+        shutil.chown(config, group=group)
+        root = Path(__file__).resolve().parents[2]
+        proc = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable,
+             "-m", "probe", "--config", str(config), "targets"],
+            capture_output=True, text=True, timeout=60, cwd=root,
+            env={"PATH": os.environ["PATH"], "PYTHONPATH": str(root), "HOME": str(place)},
+        )  # fmt: skip
+    finally:
+        shutil.rmtree(place)
+    assert proc.returncode == 78, proc.stderr
+    assert "permission denied" in proc.stderr and f"the group {group}" in proc.stderr
+    assert f"usermod -aG {group}" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _has_group(name: str) -> bool:
+    import grp
+
+    try:
+        grp.getgrnam(name)
+    except KeyError:
+        return False
+    return True
