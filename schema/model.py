@@ -193,6 +193,9 @@ class TCPConnect:
     t: float
     failure: str | None = None
     failed_operation: str | None = None
+    #: The connection's number in its measurement (1, 2, ...): the TLS handshake on it
+    #: and every HTTP request sent over it carry the same number.
+    connection: int | None = None
 
     @property
     def success(self) -> bool:
@@ -216,6 +219,8 @@ class TLSHandshake:
     #: "target" (the measured name) or "control_sni" (the same address with a harmless
     #: name, repeated after a failure: the SNI A/B test).
     purpose: str = "target"
+    #: The number of the TCP connection it ran on (:attr:`TCPConnect.connection`).
+    connection: int | None = None
 
 
 @dataclass
@@ -237,6 +242,9 @@ class HTTPTransaction:
     #: Set instead of ``body_sha256`` when the body left the store scrubbed, dropped or
     #: truncated (probe.privacy): HMAC-SHA256 of the plain hash under the probe's secret.
     body_keyed_sha256: str | None = None
+    #: The measured connection the request was sent over (:attr:`TCPConnect.connection`),
+    #: or None for one the HTTP client opened itself (a redirect to another host).
+    connection: int | None = None
     failure: str | None = None
     failed_operation: str | None = None
 

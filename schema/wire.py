@@ -199,15 +199,21 @@ def query_from_wire(d: Doc) -> DNSQuery:
     )
 
 
+def _with_connection(doc: Doc, connection: int | None) -> Doc:
+    if connection is not None:  # absent in measurements made before connections had numbers
+        doc["connection"] = connection
+    return doc
+
+
 def tcp_to_wire(c: TCPConnect) -> Doc:
-    return {
+    return _with_connection({
         "ip": c.ip,
         "port": c.port,
         "status": {"success": c.success, "failure": c.failure},
         "failed_operation": c.failed_operation,
         "t0": c.t0,
         "t": c.t,
-    }
+    }, c.connection)  # fmt: skip
 
 
 def tcp_from_wire(d: Doc) -> TCPConnect:
@@ -218,11 +224,12 @@ def tcp_from_wire(d: Doc) -> TCPConnect:
         failed_operation=d.get("failed_operation"),
         t0=d["t0"],
         t=d["t"],
+        connection=d.get("connection"),
     )
 
 
 def tls_to_wire(h: TLSHandshake) -> Doc:
-    return {
+    return _with_connection({
         "address": f"[{h.ip}]:{h.port}" if ":" in h.ip else f"{h.ip}:{h.port}",
         "ip": h.ip,
         "port": h.port,
@@ -237,7 +244,7 @@ def tls_to_wire(h: TLSHandshake) -> Doc:
         "failed_operation": h.failed_operation,
         "t0": h.t0,
         "t": h.t,
-    }
+    }, h.connection)  # fmt: skip
 
 
 def tls_from_wire(d: Doc) -> TLSHandshake:
@@ -255,6 +262,7 @@ def tls_from_wire(d: Doc) -> TLSHandshake:
         failed_operation=d.get("failed_operation"),
         t0=d["t0"],
         t=d["t"],
+        connection=d.get("connection"),
     )
 
 
@@ -271,7 +279,7 @@ def http_to_wire(h: HTTPTransaction) -> Doc:
         }
         if h.body_keyed_sha256 is not None:
             response["body_keyed_sha256"] = h.body_keyed_sha256
-    return {
+    return _with_connection({
         "address": h.address,
         "request": {
             "url": h.url,
@@ -283,7 +291,7 @@ def http_to_wire(h: HTTPTransaction) -> Doc:
         "failed_operation": h.failed_operation,
         "t0": h.t0,
         "t": h.t,
-    }
+    }, h.connection)  # fmt: skip
 
 
 def http_from_wire(d: Doc) -> HTTPTransaction:
@@ -298,6 +306,7 @@ def http_from_wire(d: Doc) -> HTTPTransaction:
         failed_operation=d.get("failed_operation"),
         t0=d["t0"],
         t=d["t"],
+        connection=d.get("connection"),
     )
     if resp is not None:
         tx.status = int(resp["code"])

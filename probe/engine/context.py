@@ -81,7 +81,9 @@ class EngineContext:
 
     def ssl_context(self, purpose: str, extra_ca: str | None = None) -> ssl.SSLContext:
         """A cached validating context; ``purpose`` is "tls" (the handshake step,
-        offering h2 and http/1.1 like a browser) or "http" (httpcore sets ALPN).
+        offering h2 and http/1.1 like a browser), "tls-http" (the handshake of an
+        HTTPS target, whose session the request then uses: http/1.1 only) or "http"
+        (httpcore sets ALPN).
 
         Raises :class:`~probe.engine.failures.SetupError` when a CA file cannot be
         loaded; steps call this inside ``trace.step`` so that becomes a failure string.
@@ -90,7 +92,7 @@ class EngineContext:
         key = (purpose, cas)
         ctx = self._contexts.get(key)
         if ctx is None:
-            alpn = ("h2", "http/1.1") if purpose == "tls" else ()
+            alpn = {"tls": ("h2", "http/1.1"), "tls-http": ("http/1.1",)}.get(purpose, ())
             try:
                 ctx = make_ssl_context(cas, system=self.system_cas, alpn=alpn)
             except (ssl.SSLError, OSError, ValueError) as exc:

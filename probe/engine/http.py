@@ -27,6 +27,7 @@ import httpcore
 import httpx
 
 from probe.engine import dns
+from probe.engine.connection import MeasuredStream
 from probe.engine.content import BodyDecoder
 from probe.engine.dns import is_ip
 from probe.engine.failures import http_operation
@@ -70,9 +71,10 @@ class PinnedBackend(httpcore.AsyncNetworkBackend):
     engine did not choose.
     """
 
-    def __init__(self, pins: dict[str, str]) -> None:
+    def __init__(self, pins: dict[str, str], handover: MeasuredStream | None = None) -> None:
         self._pins = {host_key(k): v for k, v in pins.items()}
         self._inner = httpcore.AnyIOBackend()
+        self._handover = handover
 
     def pin(self, host: str, address: str) -> None:
         self._pins[host_key(host)] = address
@@ -93,6 +95,12 @@ class PinnedBackend(httpcore.AsyncNetworkBackend):
             raise httpcore.ConnectError(
                 f"no measured address for {host!r}: not connecting (never resolved by the system)"
             )
+        measured = self._handover
+        if measured is not None and (measured.host, measured.port) == (address, port):
+            # The connection the TCP and TLS steps measured: the request rides on it.
+            self._handover = None
+            if not measured.closed:
+                return measured
         return await self._inner.connect_tcp(
             address,
             port,
@@ -131,6 +139,12 @@ class PinnedTransport(httpx.AsyncHTTPTransport):
 
 def _decode_headers(raw: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
     return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in raw]
+
+
+def _measured_connection(response: httpx.Response) -> int | None:
+    stream = response.extensions.get("network_stream")
+    number = stream.get_extra_info("measured_connection") if stream is not None else None
+    return number if isinstance(number, int) else None
 
 
 def _server_address(response: httpx.Response) -> str | None:
@@ -233,6 +247,7 @@ async def fetch(
     trace: Trace,
     *,
     pins: dict[str, str] | None = None,
+    handover: MeasuredStream | None = None,
     method: str = "GET",
     body: str | None = None,
     extra_ca: str | None = None,
@@ -247,10 +262,12 @@ async def fetch(
     measured address to use. Hosts reached by redirect are resolved with the
     engine's resolvers; those DNS observations are appended to ``queries``. Bodies
     kept raw (an encoding not decoded) are listed in
-    ``annotations[BODY_ENCODING_NOTE]``.
+    ``annotations[BODY_ENCODING_NOTE]``. ``handover``: the connection the TCP and TLS
+    steps measured, used for the first request to its address and port (each hop
+    records the number of the measured connection it went over, if any).
     """
     hops: list[HTTPTransaction] = record if record is not None else []
-    backend = PinnedBackend(pins or {})
+    backend = PinnedBackend(pins or {}, handover)
     transport: PinnedTransport | None = None
     cookies = httpx.Cookies()
     headers = [
@@ -307,6 +324,7 @@ async def fetch(
                     tx.status = response.status_code
                     tx.response_headers = _decode_headers(response.headers.raw)
                     tx.address = _server_address(response) or tx.address
+                    tx.connection = _measured_connection(response)
                     await _read_body(response, tx, ctx, notes)
             finally:
                 if response is not None:

@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from probe.engine import dns, http, tcp, tls
+from probe.engine.connection import MeasuredStream, Session
 from probe.engine.context import EngineContext
 from probe.engine.dns import is_ip
 from probe.engine.trace import Trace
@@ -41,9 +42,17 @@ _INTERFERENCE = {"connection_reset", "eof_error", "generic_timeout_error", "ssl_
 
 
 async def _endpoint(
-    m: Measurement, ip: str, port: int, ctx: EngineContext, trace: Trace, want_tls: bool
-) -> bool:
-    """Connect (and handshake); True when the endpoint got through every step.
+    m: Measurement,
+    ip: str,
+    port: int,
+    ctx: EngineContext,
+    trace: Trace,
+    want_tls: bool,
+    keep: bool = False,
+) -> tuple[bool, MeasuredStream | None]:
+    """Connect (and handshake); True when the endpoint got through every step, and,
+    with ``keep``, the connection itself for the HTTP request to use (the caller then
+    owns it and must close it).
 
     When the handshake with the target's name is cut off, the same address is asked
     again with a harmless name (``ctx.control_sni``): if that one gets an answer,
@@ -51,19 +60,29 @@ async def _endpoint(
     ``purpose = "control_sni"``.
     """
     conn, stream = await tcp.connect(ip, port, ctx, trace, m.tcp_connect)
+    number = conn.connection or 0
     if stream is None:
-        return False
+        return False, None
+    handed: MeasuredStream | None = None
     try:
         if not want_tls:
-            return conn.success
+            if keep and conn.success:
+                handed = MeasuredStream(stream, number, ip, port)
+            return conn.success, handed
+        sessions: list[Session] = []
         hs = await tls.handshake(
-            stream, ip, port, m.target.server_name, ctx, trace, m.target.ca_file, m.tls_handshakes
-        )
+            stream, ip, port, m.target.server_name, ctx, trace, m.target.ca_file,
+            m.tls_handshakes, purpose="tls-http" if keep else "tls", sessions=sessions,
+        )  # fmt: skip
+        hs.connection = number
+        if keep and sessions and hs.negotiated_protocol in (None, "http/1.1"):
+            handed = MeasuredStream(stream, number, ip, port, sessions[0])
     finally:
-        await tcp.close(stream)
+        if handed is None:
+            await tcp.close(stream)
     if hs.failure in _INTERFERENCE and ctx.control_sni and ctx.control_sni != hs.server_name:
         await _control_sni(m, ip, port, ctx, trace)
-    return hs.failure is None
+    return hs.failure is None, handed
 
 
 async def _control_sni(
@@ -97,12 +116,44 @@ async def _measure_steps(
     ports = target_ports(target)
     want_tls = uses_tls(target)
     endpoints = [(ip, port) for ip in addresses for port in ports]
-    results = await asyncio.gather(
-        *(_endpoint(m, ip, port, ctx, trace, want_tls) for ip, port in endpoints)
-    )
-    if target.kind != "http" or not target.url:
+    keep = target.kind == "http" and bool(target.url)
+    kept: list[MeasuredStream] = []
+    try:
+        await _connect_and_fetch(m, ctx, trace, doh_client, endpoints, want_tls, keep, kept)
+    finally:  # whatever the request did not use, or left open, an interruption included
+        for stream in kept:
+            await stream.aclose()
+
+
+async def _connect_and_fetch(
+    m: Measurement,
+    ctx: EngineContext,
+    trace: Trace,
+    doh_client: httpx.AsyncClient | None,
+    endpoints: list[tuple[str, int]],
+    want_tls: bool,
+    keep: bool,
+    kept: list[MeasuredStream],
+) -> None:
+    target = m.target
+
+    async def endpoint(ip: str, port: int) -> tuple[bool, MeasuredStream | None]:
+        ok, stream = await _endpoint(m, ip, port, ctx, trace, want_tls, keep)
+        if stream is not None:
+            kept.append(stream)
+        return ok, stream
+
+    outcomes = await asyncio.gather(*(endpoint(ip, port) for ip, port in endpoints))
+    handover = next((s for ok, s in outcomes if ok and s is not None), None)
+    for _, s in outcomes:  # the connections the request will not use
+        if s is not None and s is not handover:
+            await s.aclose()
+    if not keep or target.url is None:
         return
-    reachable = [ep for ep, ok in zip(endpoints, results, strict=True) if ok]
+    reachable = [ep for ep, (ok, _) in zip(endpoints, outcomes, strict=True) if ok]
+    if handover is not None:  # the request goes over the first measured connection
+        reachable.remove((handover.host, handover.port))
+        reachable.insert(0, (handover.host, handover.port))
     if not reachable:
         return  # nothing got through: the TCP/TLS observations already say why
     # Pinned by the name as httpx sends it (an IDN by its ASCII form), so the request
@@ -114,6 +165,7 @@ async def _measure_steps(
         ctx,
         trace,
         pins=pins,
+        handover=handover,
         method=target.method,
         body=target.body,
         extra_ca=target.ca_file,

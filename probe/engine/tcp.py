@@ -25,6 +25,7 @@ async def connect(
     obs = TCPConnect(ip=ip, port=port, t0=trace.now(), t=0.0)
     if record is not None:
         record.append(obs)
+        obs.connection = len(record)  # numbered as started (several run at once)
     stream: Stream | None = None
     async with trace.step(obs, "connect", ctx.timeouts.tcp):
         stream = await asyncio.open_connection(ip, port)

@@ -13,6 +13,7 @@ import _ssl
 import ssl
 from typing import TYPE_CHECKING
 
+from probe.engine.connection import Session
 from probe.engine.failures import SetupError
 from probe.engine.tcp import Stream
 from probe.engine.trace import Trace
@@ -78,8 +79,16 @@ async def handshake(
     trace: Trace,
     extra_ca: str | None = None,
     record: list[TLSHandshake] | None = None,
+    *,
+    purpose: str = "tls",
+    sessions: list[Session] | None = None,
 ) -> TLSHandshake:
-    """Handshake over ``stream`` with SNI ``server_name`` and validate the peer."""
+    """Handshake over ``stream`` with SNI ``server_name`` and validate the peer.
+
+    ``purpose``: the context's ALPN (``ctx.ssl_context``): "tls" offers h2 and
+    http/1.1 as a browser does; "tls-http" only http/1.1, for a session the HTTP
+    request will then use. ``sessions``: a handshake that succeeded appends its
+    session there, for the request to ride on (probe.engine.connection)."""
     obs = TLSHandshake(ip=ip, port=port, server_name=server_name, t0=trace.now(), t=0.0)
     if record is not None:
         record.append(obs)
@@ -89,7 +98,7 @@ async def handshake(
         # The context and the SSL object are made inside the step: a CA file that
         # does not load or a name TLS refuses is a failure of this step, not a crash.
         async with trace.step(obs, "tls_handshake", ctx.timeouts.tls):
-            obj = _wrap(ctx, extra_ca, server_name, incoming, outgoing)
+            obj = _wrap(ctx, extra_ca, server_name, incoming, outgoing, purpose)
             await _drive(obj, incoming, outgoing, stream)
             obs.tls_version = obj.version()
             cipher = obj.cipher()
@@ -97,6 +106,8 @@ async def handshake(
             obs.negotiated_protocol = obj.selected_alpn_protocol()
     finally:  # the chain is evidence whether or not it validated
         obs.peer_certificates = _peer_chain(obj) if obj is not None else []
+    if obs.failure is None and obj is not None and sessions is not None:
+        sessions.append(Session(obj, incoming, outgoing))
     return obs
 
 
@@ -106,8 +117,9 @@ def _wrap(
     server_name: str,
     incoming: ssl.MemoryBIO,
     outgoing: ssl.MemoryBIO,
+    purpose: str = "tls",
 ) -> ssl.SSLObject:
-    context = ctx.ssl_context("tls", extra_ca)  # raises SetupError itself
+    context = ctx.ssl_context(purpose, extra_ca)  # raises SetupError itself
     try:
         return context.wrap_bio(incoming, outgoing, server_hostname=server_name)
     except (UnicodeError, ValueError) as exc:  # e.g. ".example.com": an empty label

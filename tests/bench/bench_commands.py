@@ -54,7 +54,9 @@ def main() -> None:
         doc = config_doc(data, dns.port, privacy={"consent": True})
         cfg = write_config(Path(tmp) / "vantage.toml", doc)
         env = {**os.environ, "VANTAGE_CONFIG": str(cfg), "PYTHONPATH": str(ROOT)}
-        env = {k: v for k, v in env.items() if not k.startswith("VANTAGE_") or k == "VANTAGE_CONFIG"}
+        env = {
+            k: v for k, v in env.items() if not k.startswith("VANTAGE_") or k == "VANTAGE_CONFIG"
+        }
         subprocess.run([sys.executable, "-m", "probe", "consent", "--yes"], cwd=ROOT, env=env,
                        capture_output=True, check=True)  # fmt: skip
         load = os.getloadavg()

@@ -3,6 +3,13 @@
 Run from the repository root::
 
     python -m tests.bench.bench_engine [--n 500] [--concurrency 16] [--json]
+    python -m tests.bench.bench_engine --versus-curl [--n 500] [--rounds 3]
+
+``--versus-curl`` runs, against the same fixture server and the same URLs, alternating,
+``vantage run`` as a process (the whole command: catalog, discovery, engine, verdicts,
+SQLite store) and ``curl --parallel --parallel-max 16``, and prints each one's median
+wall time, the ratio and vantage's peak RSS. Goal (issue 17): at most 2x curl's wall time
+for 500 HTTPS targets, peak RSS under 120 MB, every measurement accessible.
 
 The fixture servers (DNS answering every name under bench.test with 127.0.0.1,
 HTTPS with a cert for ``*.bench.test``) run in a separate process
@@ -276,12 +283,120 @@ def print_report(r: dict[str, Any]) -> None:
           f"{'MET' if g['met'] else 'NOT MET'}")  # fmt: skip
 
 
+def _child(
+    cmd: list[str], cwd: Path, env: dict[str, str] | None = None
+) -> tuple[float, float, int]:
+    """Run ``cmd``; (wall seconds, its own peak RSS in MB, exit status)."""
+    import os
+
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)  # fmt: skip
+    assert proc.stderr is not None
+    err = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - started
+    if proc.returncode != 0:
+        print(err.decode(errors="replace")[-1500:], file=sys.stderr)
+    return wall, usage.ru_maxrss / 1024, proc.returncode
+
+
+def versus_curl(n: int, rounds: int) -> int:
+    import os
+    import shutil
+    import statistics
+
+    curl = shutil.which("curl")
+    if curl is None:
+        print("bench_engine: curl is not installed (apt-get install curl)", file=sys.stderr)
+        return EX_CANNOT_RUN
+    with tempfile.TemporaryDirectory(prefix="vantage-bench-") as tmp:
+        workdir = Path(tmp)
+        proc, info = start_server(n, workdir)
+        try:
+            port, ca = int(info["https_port"]), str(info["ca"])
+            names = [bench_name(i) for i in range(n)]
+            catalog = workdir / "bench.toml"
+            catalog.write_text(
+                'format = 1\n[service]\nname = "bench"\n' + "".join(
+                    f'[[target]]\nid = "t{i}"\nkind = "http"\nurl = "https://{h}:{port}/"\n'
+                    for i, h in enumerate(names)
+                )
+            )  # fmt: skip
+            config = workdir / "vantage.toml"
+            config.write_text(
+                f'[probe]\ndata_dir = "{workdir / "data"}"\n'
+                f'[dns]\nsystem = false\nresolvers = ["udp://127.0.0.1:{info["dns_port"]}"]\n'
+                f'[vantage]\nresolver_whoami = ""\n'
+                f'[engine]\nca_bundle = ["{ca}"]\nsystem_cas = false\n'
+                f'public_ranges = ["127.0.0.0/8"]\nconcurrency = 16\n'
+                f"[privacy]\nconsent = true\n"
+            )  # fmt: skip
+            curl_cfg = workdir / "curl.cfg"
+            curl_cfg.write_text("".join(
+                f'resolve = "{h}:{port}:127.0.0.1"\nurl = "https://{h}:{port}/"\n'
+                f'output = "/dev/null"\n' for h in names
+            ))  # fmt: skip
+            env = {k: v for k, v in os.environ.items() if not k.startswith("VANTAGE_")}
+            env |= {"VANTAGE_CONFIG": str(config), "PYTHONPATH": str(REPO_ROOT)}
+            vantage_cmd = [sys.executable, "-m", "probe", "run", "--no-builtin", "--targets",
+                           str(catalog), "--json"]  # fmt: skip
+            curl_cmd = [curl, "--silent", "--parallel", "--parallel-max", "16", "--cacert", ca,
+                        "--config", str(curl_cfg)]  # fmt: skip
+            vantage_runs, curl_runs, rss = [], [], 0.0
+            for _ in range(rounds):  # alternating, so both see the same machine
+                wall, peak, code = _child(vantage_cmd, REPO_ROOT, env)
+                if code not in (0,):
+                    print(f"bench_engine: vantage run exited {code}", file=sys.stderr)
+                    return EX_CANNOT_RUN
+                vantage_runs.append(wall)
+                rss = max(rss, peak)
+                wall, _, code = _child(curl_cmd, REPO_ROOT)
+                if code != 0:
+                    print(f"bench_engine: curl exited {code}", file=sys.stderr)
+                    return EX_CANNOT_RUN
+                curl_runs.append(wall)
+            accessible, total = _accessible(workdir / "data" / "vantage.db")
+        finally:
+            stop_server(proc)
+    v, c = statistics.median(vantage_runs), statistics.median(curl_runs)
+    print(f"{n} HTTPS targets, {rounds} rounds, alternating; load average "
+          f"{os.getloadavg()[0]:.1f}")  # fmt: skip
+    print(f"vantage run (process): median {v:.2f} s  {[round(x, 2) for x in vantage_runs]}")
+    print(f"curl --parallel 16:    median {c:.2f} s  {[round(x, 2) for x in curl_runs]}")
+    print(f"ratio vantage/curl: {v / c:.2f} (goal <= 2.0: {'met' if v / c <= 2.0 else 'NOT met'})")
+    print(f"vantage peak RSS: {rss:.1f} MB (goal < 120 MB: {'met' if rss < 120 else 'NOT met'})")
+    print(f"accessible: {accessible} of {total} measurements stored")
+    return EX_OK if accessible == total == n * rounds else EX_TOO_MANY_FAILURES
+
+
+def _accessible(db: Path) -> tuple[int, int]:
+    import sqlite3
+
+    con = sqlite3.connect(db)
+    try:
+        total = con.execute("SELECT count(*) FROM measurements").fetchone()[0]
+        ok = con.execute("SELECT count(*) FROM measurements WHERE accessible = 1").fetchone()[0]
+    finally:
+        con.close()
+    return int(ok), int(total)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.bench.bench_engine")
     parser.add_argument("--n", type=int, default=500, help="measurements to make (default 500)")
     parser.add_argument("--concurrency", type=int, default=16, help="in flight (default 16)")
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    parser.add_argument(
+        "--versus-curl",
+        action="store_true",
+        help="vantage run as a process against curl --parallel, alternating",
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="with --versus-curl (default 3)")
     args = parser.parse_args(argv)
+    if args.versus_curl:
+        return versus_curl(args.n, max(1, args.rounds))
     if args.n < 1 or args.concurrency < 1:
         parser.error("--n and --concurrency must be at least 1")
     try:

@@ -396,7 +396,7 @@ def test_the_invoking_user_joins_the_group_and_next_steps_fit_the_system(tmp_pat
                          env={"SUDO_USER": "pi"})  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     assert "skipped: usermod -aG vantage pi (--root)" in result.stdout
-    steps = result.stdout[result.stdout.index("Next steps:"):]
+    steps = result.stdout[result.stdout.index("Next steps:") :]
     assert "vantage status   # as pi" in steps
     if not Path("/run/systemd/system").is_dir():  # no systemd: no systemctl or journalctl
         assert "systemctl" not in steps and "journalctl" not in steps
