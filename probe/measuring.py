@@ -35,6 +35,7 @@ if TYPE_CHECKING:  # the engine is imported when a run starts, not before (daemo
     from probe.analysis import ServiceStatus
     from probe.engine.context import EngineContext
     from probe.engine.run import Run
+    from probe.geoip import GeoIP
     from probe.store import Store
     from schema.model import Measurement, Service, Target
 
@@ -169,6 +170,7 @@ class SuiteRun:
 
     async def execute(self) -> RunResult:
         from probe.engine.run import Run
+        from probe.geoip import annotate_answers
         from probe.privacy import local_addresses, scrub
         from probe.store import BatchWriter
         from probe.vantage import discover
@@ -180,7 +182,9 @@ class SuiteRun:
         own = frozenset(await asyncio.to_thread(local_addresses)) | frozenset(discovered.scrub)
         run = Run(self.targets, discovered.vantage, self.ctx, concurrency=cfg.engine.concurrency,
                   deadline=cfg.engine.run_deadline)  # fmt: skip
-        analyser = Analyser(self.targets, cfg.control.url, cfg.control.token, cfg.control.timeout)
+        geo = await asyncio.to_thread(_asn_database, cfg)
+        analyser = Analyser(self.targets, cfg.control.url, cfg.control.token, cfg.control.timeout,
+                            geo=geo)  # fmt: skip
         self._analyser_stop = analyser.stop
         done: list[Measurement] = []
 
@@ -196,6 +200,7 @@ class SuiteRun:
 
         async def finished(m: Measurement) -> None:
             m = scrub(m, own)
+            annotate_answers(m.queries, geo)  # the network of every answer, kept as evidence
             try:
                 await analyser.analyse(m)  # judged before it is written, written before shown
             finally:
@@ -219,6 +224,8 @@ class SuiteRun:
         finally:
             analyser.stop()
             await analyser.aclose()
+            if geo is not None:
+                geo.close()
             await writer.flush()
             await asyncio.to_thread(self.store.finish_run, run.run_id, run.status,
                                     run.ctx.now_utc())  # fmt: skip
@@ -227,6 +234,20 @@ class SuiteRun:
         )
         return RunResult(run.run_id, self.suite, run.status, len(self.targets), done, statuses,
                          analyser.offline)  # fmt: skip
+
+
+def _asn_database(cfg: Config) -> GeoIP | None:
+    """The ASN database that places each DNS answer in its network, or None when none
+    is configured or it cannot be read (discovery and ``vantage doctor`` say why; the
+    verdicts then say that the ASN checks were skipped)."""
+    from probe.geoip import GeoIP, GeoIPError
+
+    if not cfg.vantage.asn_db:
+        return None
+    try:
+        return GeoIP(asn_db=cfg.vantage.asn_db)
+    except GeoIPError:
+        return None
 
 
 def services_and_events(

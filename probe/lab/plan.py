@@ -144,6 +144,8 @@ def catalog_toml(service: Service) -> str:
             item["addresses"] = list(t.addresses)
         if t.control:
             item["control"] = True
+        if t.role != "essential":
+            item["role"] = t.role
         item["expect"] = dict(doc["expect"])
         if doc["source"] is not None:
             item["source"] = dict(doc["source"])
