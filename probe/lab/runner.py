@@ -35,10 +35,12 @@ from probe.lab.netns import (
 )
 from probe.lab.plan import (
     LabPlan,
+    asn_networks,
     catalog_toml,
     internet_config,
     make_plan,
     site_addresses,
+    write_asn_database,
     write_certificates,
 )
 from probe.lab.scenario import Expectation, Scenario
@@ -218,10 +220,12 @@ def router_config(s: Scenario, plan: LabPlan, ready: Path) -> dict[str, Any]:
     }
 
 
-def _probe_config(s: Scenario, ca: Path) -> str:
+def _probe_config(s: Scenario, ca: Path, asn_db: Path | None = None) -> str:
     sections: dict[str, dict[str, Any]] = {k: dict(v) for k, v in LAB_PROBE_DEFAULTS.items()}
     sections["engine"]["public_ranges"] = [str(A.LAB_RANGE)]
     sections["engine"]["ca_bundle"] = [str(ca)]
+    if asn_db is not None:  # a scenario may still set [probe.vantage] asn_db = "" (none)
+        sections.setdefault("vantage", {})["asn_db"] = str(asn_db)
     for section, values in s.probe_config.items():
         if not isinstance(values, dict):
             raise LabError(f"{s.origin}: probe.{section}: expected a table of probe settings")
@@ -353,7 +357,8 @@ def probe_command(topo: Topology, plan: LabPlan, s: Scenario, ca: Path, workdir:
     """The ``vantage run`` the lab runs inside the probe's namespace."""
     args = ["ip", "netns", "exec", topo.probe, sys.executable, "-m", "probe"]
     config = workdir / "probe.toml"
-    config.write_text(_probe_config(s, ca))
+    asn_db = write_asn_database(asn_networks(plan, s), workdir / "lab-asn.mmdb")
+    config.write_text(_probe_config(s, ca, asn_db))
     args += [
         "--config",
         str(config),
