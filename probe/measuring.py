@@ -33,6 +33,7 @@ from probe.config import Config, ConfigError
 
 if TYPE_CHECKING:  # the engine is imported when a run starts, not before (daemon memory)
     from probe.analysis import ServiceStatus
+    from probe.analysis.fingerprints import FingerprintDB
     from probe.engine.context import EngineContext
     from probe.engine.run import Run
     from probe.geoip import GeoIP
@@ -182,9 +183,10 @@ class SuiteRun:
         own = frozenset(await asyncio.to_thread(local_addresses)) | frozenset(discovered.scrub)
         run = Run(self.targets, discovered.vantage, self.ctx, concurrency=cfg.engine.concurrency,
                   deadline=cfg.engine.run_deadline)  # fmt: skip
+        fingerprints = await asyncio.to_thread(_fingerprints, cfg)
         geo = await asyncio.to_thread(_asn_database, cfg)
         analyser = Analyser(self.targets, cfg.control.url, cfg.control.token, cfg.control.timeout,
-                            geo=geo)  # fmt: skip
+                            geo=geo, fingerprints=fingerprints)  # fmt: skip
         self._analyser_stop = analyser.stop
         done: list[Measurement] = []
 
@@ -234,6 +236,17 @@ class SuiteRun:
         )
         return RunResult(run.run_id, self.suite, run.status, len(self.targets), done, statuses,
                          analyser.offline)  # fmt: skip
+
+
+def _fingerprints(cfg: Config) -> FingerprintDB:
+    """The shipped fingerprints plus the configured files; a bad file fails the run
+    before anything is measured, naming the file, entry and key."""
+    from probe.analysis.fingerprints import FingerprintDB, FingerprintError
+
+    try:
+        return FingerprintDB.with_files(cfg.analysis.fingerprints)
+    except FingerprintError as exc:
+        raise ConfigError(f"analysis.fingerprints: {exc}") from exc
 
 
 def _asn_database(cfg: Config) -> GeoIP | None:

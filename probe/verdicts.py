@@ -29,6 +29,7 @@ class Analyser:
         token: str = "",
         timeout: float = 30.0,
         geo: GeoIP | None = None,
+        fingerprints: FingerprintDB | None = None,
     ) -> None:
         self.expected_controls = sum(1 for t in targets if t.control)
         self.controls: list[Measurement] = []
@@ -38,7 +39,7 @@ class Analyser:
             self.controls_done.set()
         self._stopped = asyncio.Event()
         self.control_url, self.token, self.timeout = control_url, token or None, timeout
-        self.fingerprints = FingerprintDB.builtin()
+        self.fingerprints = fingerprints or FingerprintDB.builtin()
         #: Places the control helper's answers in their networks, as the probe's own
         #: are (the helper may run without a database); None: no ASN database.
         self.geo = geo if geo is not None and geo.has_asn else None

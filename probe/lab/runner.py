@@ -230,6 +230,10 @@ def _probe_config(s: Scenario, ca: Path, asn_db: Path | None = None) -> str:
         if not isinstance(values, dict):
             raise LabError(f"{s.origin}: probe.{section}: expected a table of probe settings")
         sections.setdefault(section, {}).update(values)
+    files = sections.get("analysis", {}).get("fingerprints")
+    if isinstance(files, list):  # a scenario names extra fingerprint files beside itself
+        here = Path(s.origin).parent
+        sections["analysis"]["fingerprints"] = [str(here / f) for f in files]
     return "".join(to_toml({name: values}) for name, values in sections.items())
 
 

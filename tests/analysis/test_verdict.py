@@ -245,7 +245,9 @@ def test_site_with_its_own_bad_certificate_is_not_blocking() -> None:
 
 
 def test_blockpage_fingerprint() -> None:
-    page = http(body=b"<title>Access denied</title>blocked by order of the authorities")
+    page = http(
+        body=b"<title>Access denied</title>blocked", headers=[("Server", "Protected by WireFilter")]
+    )
     v = judge(m(queries=[q(REAL)], tcp_connect=[tcp()], tls_handshakes=[tls()], requests=[page]))
     assert (v.blocking, v.confidence, v.reasons[0].code) == ("http-diff", "high", "blockpage")
 
