@@ -563,7 +563,8 @@ def _tcp(j: _Judge) -> Verdict | None:
         if failure == "connection_refused":
             confidence = "high"
         else:
-            confidence = "medium" if same or len(j.tcp) > 1 else "low"
+            several = len({(c.ip, c.port) for c in j.tcp}) > 1
+            confidence = "medium" if same or several else "low"
         j.why(
             "tcp_failure_vs_control",
             f"every connect failed ({failure}) while the control helper connected"
