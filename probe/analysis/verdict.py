@@ -184,6 +184,9 @@ class _Judge:
         self.used: list[str] = []
         #: The control answers, when the system resolver's answers differ from them.
         self.inconsistent: list[str] = []
+        #: The confidence of a "forged: outside the genuine networks" conclusion that
+        #: waits for the next steps (they may show more), or None.
+        self.foreign: str | None = None
         if _known(m):
             self.used.append("catalog")
         if controls.offline is not None:
@@ -196,6 +199,12 @@ class _Judge:
         self.asn_known = controls.asn_db or _placed(system_queries(m))
         if self.asn_known and _answers(system_queries(m)):
             self.used.append("asn_database")
+
+    def unlike(self) -> str:
+        """How the system resolver's answers are unlike genuine ones, for a reason."""
+        if self.inconsistent:
+            return f"differ from the controls' ({', '.join(self.inconsistent)})"
+        return "are outside the networks a genuine answer comes from"
 
     def why(self, code: str, detail: str, **evidence: object) -> None:
         self.reasons.append(Reason(code, detail, dict(evidence)))
@@ -300,6 +309,8 @@ def judge(m: Measurement, controls: Controls | None = None) -> Verdict:
         if result is not None:
             return result
     validated = any(h.failure is None for h in j.tls)
+    if j.foreign is not None:
+        return j.verdict(False, "dns", j.foreign)  # the answer was forged; it worked
     if j.inconsistent and not validated:
         j.why(
             "reachable_unverified",
@@ -433,8 +444,15 @@ def _dns_answers(j: _Judge, system: list[DNSQuery], genuine: set[str]) -> Verdic
         )
         return j.verdict(False, "dns", "high")
     network = _dns_network(j, system, genuine)
-    if network is not None:
-        return network if isinstance(network, Verdict) else None
+    if isinstance(network, Verdict):
+        return network
+    if network is True:
+        return None  # a CDN in the genuine network: consistent
+    if j.foreign is not None:
+        # Forged, but not beyond doubt: the next steps may show more (what the
+        # address did, a blockpage there); if they show nothing, this verdict stands.
+        j.inconsistent = sorted(genuine)
+        return None
     if genuine:
         j.inconsistent = sorted(genuine)
         j.why(
@@ -466,8 +484,10 @@ def _dns_network(j: _Judge, system: list[DNSQuery], genuine: set[str]) -> Verdic
 
     True when an answer is in a network a genuine answer comes from (the catalog's
     ``expect.asns`` or the control answers'): a CDN answering differently by place.
-    A verdict (``dns``) when every placed answer is outside all of them. None when
-    it cannot be told (no ASN database, unplaced answers, nothing to compare with).
+    A verdict (``dns``) when every placed answer is outside all of them and both the
+    catalog and the control helper say so; with only one of them the conclusion is
+    recorded (``j.foreign``) and stands unless the next steps show more. None when it
+    cannot be told (no ASN database, unplaced answers, nothing to compare with).
     """
     m = j.m
     if not j.asn_known:
@@ -510,15 +530,18 @@ def _dns_network(j: _Judge, system: list[DNSQuery], genuine: set[str]) -> Verdic
         expected_asns=sorted(reference),
         control_answers=sorted(genuine),
     )
-    return j.verdict(False, "dns", confidence)
+    if confidence == "high":
+        return j.verdict(False, "dns", confidence)
+    j.foreign = confidence
+    return None
 
 
 def _blame_dns(j: _Judge, step: str, failure: str) -> Verdict | None:
     """Answers unlike the controls', and then the connection to them failed: the
     answers were the block (a forged address), not the later step."""
-    if not j.inconsistent:
+    if not j.inconsistent and j.foreign is None:
         return None
-    if j.elsewhere:
+    if j.inconsistent and j.elsewhere:
         # The genuine addresses work from here: only the answer stands in the way.
         j.why(
             "dns_system_answer_fails",
@@ -533,8 +556,7 @@ def _blame_dns(j: _Judge, step: str, failure: str) -> Verdict | None:
         return j.verdict(False, "dns", "high")
     j.why(
         "dns_inconsistent_then_failed",
-        f"the system resolver's answers differ from the controls' ({', '.join(j.inconsistent)}) "
-        f"and the {step} to them failed ({failure})",
+        f"the system resolver's answers {j.unlike()} and the {step} to them failed ({failure})",
         control_answers=j.inconsistent,
         failure=failure,
     )
@@ -695,12 +717,11 @@ def _http(j: _Judge) -> Verdict | None:
             )
             # The network let the site answer; what the site shows is its own choice.
             return j.verdict(None, False, "medium")
-        if fp is not None and j.inconsistent:
+        if fp is not None and (j.inconsistent or j.foreign):
             # The blockpage is the symptom; the answer that led there is the cause.
             j.why(
                 "dns_to_blockpage",
-                f"the system resolver's answers differ from the controls' "
-                f"({', '.join(j.inconsistent)}) and lead to a blockpage "
+                f"the system resolver's answers {j.unlike()} and lead to a blockpage "
                 f"(fingerprint {fp.id}: {fp.description})",
                 fingerprint=fp.id,
                 control_answers=j.inconsistent,
@@ -756,13 +777,12 @@ def _http(j: _Judge) -> Verdict | None:
     )
     if same_status and (proportion > 0.7 or same_title):
         return None
-    if j.inconsistent:
+    if j.inconsistent or j.foreign:
         j.why(
             "dns_inconsistent_then_differs",
-            f"the system resolver's answers differ from the controls' "
-            f"({', '.join(j.inconsistent)}) and the page there differs from the control "
-            f"helper's (status {last.status} vs {control.status}, body length proportion "
-            f"{proportion:.2f}): another server answered",
+            f"the system resolver's answers {j.unlike()} and the page there differs from "
+            f"the control helper's (status {last.status} vs {control.status}, body length "
+            f"proportion {proportion:.2f}): another server answered",
             control_answers=j.inconsistent,
             status=last.status,
             control_status=control.status,

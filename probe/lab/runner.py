@@ -76,6 +76,7 @@ class ExpectationResult:
             "body_contains",
             "blocking",
             "accessible",
+            "reason",
         ):
             if getattr(e, key) is not None:
                 expected[key] = getattr(e, key)
@@ -136,7 +137,7 @@ def evaluate(
             observed: dict[str, Any] = {"service_status": status.status, "why": status.explanation}
             results.append(ExpectationResult(e, f"{e.service}/*", observed,
                                              status.status in e.service_status))  # fmt: skip
-            if e.step is None and e.blocking is None and e.accessible is None:
+            if e.step is None and e.blocking is None and e.accessible is None and not e.reason:
                 continue
         chosen = [m for m in measurements if m.target.service == e.service
                   and (e.target is None or m.target.id == e.target)]  # fmt: skip
@@ -173,6 +174,9 @@ def evaluate(
             if e.accessible is not None:
                 observed["accessible"] = _verdict_text(v.accessible if v else None)
                 ok = ok and observed["accessible"] == e.accessible
+            if e.reason is not None:
+                observed["reasons"] = [r.code for r in v.reasons] if v else []
+                ok = ok and e.reason in observed["reasons"]
             if (e.blocking is not None or e.accessible is not None) and v is not None:
                 observed["confidence"] = v.confidence
                 observed["why"] = v.explanation

@@ -349,3 +349,38 @@ def test_a_diagnostic_target_that_resolves_does_not_keep_a_blocked_service_parti
 def test_a_service_of_diagnostic_targets_only_is_judged_by_them() -> None:
     s = service_status("signal", [judged("uptime", "dns", "diagnostic")], False)
     assert s.status == "blocked"
+
+
+# -- the network check is last: later steps may say more -----------------------------
+
+
+def test_a_forged_answer_that_then_fails_is_dns_not_tcp() -> None:
+    """Only the catalog says the answer is forged (no controls): the failed connect to
+    it is the forgery's doing, not a TCP block."""
+    t = tcp_target()
+    v = judge(m(t, queries=[q(FORGED)], tcp_connect=[tcp(FORGED, "generic_timeout_error")]),
+              Controls(asn_db=True))  # fmt: skip
+    assert (v.accessible, v.blocking) == (False, "dns")
+    assert {"dns_foreign_network", "dns_inconsistent_then_failed"} <= set(codes(v))
+
+
+def test_the_network_check_is_strengthened_by_what_the_address_did() -> None:
+    t = web_target(known=False)
+    steps = {
+        "queries": [q(FORGED), q(REAL, resolver=DOH)],
+        "tcp_connect": [tcp(FORGED, "generic_timeout_error"), tcp(REAL)],
+        "tls_handshakes": [tls(REAL)],
+        "requests": [page()],
+    }
+    v = judge(m(t, **steps), Controls(asn_db=True))  # network alone: low (DoH's view only)
+    assert (v.blocking, v.confidence) == ("dns", "high")
+    assert codes(v).index("dns_foreign_network") < codes(v).index("dns_system_answer_fails")
+
+
+def test_a_blockpage_at_a_foreign_answer_is_dns_with_both_reasons() -> None:
+    t = web_target("http", known=False)
+    steps = {"queries": [q(FORGED)], "tcp_connect": [tcp(FORGED, port=80)],
+             "requests": [BLOCKPAGE]}  # fmt: skip
+    v = judge(m(t, **steps), Controls(helper=genuine_helper(t), asn_db=True))
+    assert (v.accessible, v.blocking, v.confidence) == (False, "dns", "high")
+    assert {"dns_foreign_network", "dns_to_blockpage"} <= set(codes(v))
