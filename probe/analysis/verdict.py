@@ -3,10 +3,20 @@
 Pure functions of a measurement and its controls (no I/O), so every rule can be
 tested with literal observations. The order follows REFERENCE.md section 2: a step is
 judged only when the steps before it got through; DNS answers are judged by
-Censored Planet's ladder (errors, bogons, blockpage addresses, agreement with
-trusted answers, a validating TLS handshake on the address); TLS failures by the SNI
-A/B test; HTTP by blockpage fingerprints (known false positives first) and by
-comparison with the control helper's view, as OONI's web_connectivity does.
+Censored Planet's ladder (errors, empty answers, bogons, blockpage addresses,
+agreement with the controls' answers, a validating TLS handshake on the address, a
+name that has no address anywhere else (ghost DNS), a certificate for another name,
+and last the answer's network: the catalog's ``expect.asns`` or the control answers'
+ASNs); TLS failures by the SNI A/B test; HTTP by blockpage fingerprints (known false
+positives first) and by comparison with the control helper's view, as OONI's
+web_connectivity does.
+
+The user's resolver decides what the user gets: connects and handshakes are judged at
+the addresses the system resolver gave (an app on this network uses those), not at a
+trusted resolver's. When the answers were not genuine, what went wrong after them is
+blamed on DNS (the cause), not on the step that showed it (a failed connect, a
+blockpage). Without a control view a cleartext page proves nothing. Without an ASN
+database the network check is skipped and the verdict says so.
 
 The controls, strongest first:
 - the control helper's measurement of the same target from an uncensored place;
@@ -187,6 +197,8 @@ class _Judge:
         #: The confidence of a "forged: outside the genuine networks" conclusion that
         #: waits for the next steps (they may show more), or None.
         self.foreign: str | None = None
+        #: The page matched the control helper's (OONI's comparisons).
+        self.content_matches = False
         if _known(m):
             self.used.append("catalog")
         if controls.offline is not None:
@@ -223,8 +235,9 @@ class _Judge:
         if not self.asn_known and _answers(system_queries(self.m)):
             self.why(
                 "no_asn_database",
-                "no ASN database (vantage.asn_db): the answers could not be placed in their "
-                "networks, so an answer from an unrelated network was not recognised as forged",
+                "no ASN database (vantage.asn_db): the answers were not placed in their "
+                "networks, so the last DNS check (is the answer in a genuine answer's network?) "
+                "was skipped",
             )
         return Verdict(
             accessible, blocking, confidence, explanation, self.reasons, sorted(set(self.used))
@@ -309,6 +322,14 @@ def judge(m: Measurement, controls: Controls | None = None) -> Verdict:
         if result is not None:
             return result
     validated = any(h.failure is None for h in j.tls)
+    if j.foreign is not None and j.content_matches:
+        # As OONI's web_connectivity: inconsistent DNS, but the page is the genuine one.
+        j.why(
+            "dns_foreign_page_matches",
+            "the answer is outside the genuine networks, but the page it gave is the control "
+            "helper's: the site was reached (a CDN, or a proxy passing it through)",
+        )
+        return j.verdict(True, False, "low")
     if j.foreign is not None:
         return j.verdict(False, "dns", j.foreign)  # the answer was forged; it worked
     if j.inconsistent and not validated:
@@ -444,13 +465,11 @@ def _dns_answers(j: _Judge, system: list[DNSQuery], genuine: set[str]) -> Verdic
         )
         return j.verdict(False, "dns", "high")
     network = _dns_network(j, system, genuine)
-    if isinstance(network, Verdict):
-        return network
     if network is True:
         return None  # a CDN in the genuine network: consistent
     if j.foreign is not None:
-        # Forged, but not beyond doubt: the next steps may show more (what the
-        # address did, a blockpage there); if they show nothing, this verdict stands.
+        # Forged; the next steps may show more (what the address did, a blockpage or
+        # the genuine page there); if they show nothing, this conclusion stands.
         j.inconsistent = sorted(genuine)
         return None
     if genuine:
@@ -479,15 +498,17 @@ def _no_such_name_elsewhere(j: _Judge) -> tuple[str, str] | None:
     return None
 
 
-def _dns_network(j: _Judge, system: list[DNSQuery], genuine: set[str]) -> Verdict | bool | None:
+def _dns_network(j: _Judge, system: list[DNSQuery], genuine: set[str]) -> bool | None:
     """Censored Planet's last check: the networks the answers are in.
 
     True when an answer is in a network a genuine answer comes from (the catalog's
     ``expect.asns`` or the control answers'): a CDN answering differently by place.
-    A verdict (``dns``) when every placed answer is outside all of them and both the
-    catalog and the control helper say so; with only one of them the conclusion is
-    recorded (``j.foreign``) and stands unless the next steps show more. None when it
-    cannot be told (no ASN database, unplaced answers, nothing to compare with).
+    None when every placed answer is outside all of them: the conclusion "forged" is
+    recorded (``j.foreign``, with its confidence: high when the catalog and the control
+    helper agree) and stands unless the next steps show more: the failure or blockpage
+    it led to, or a page identical to the helper's (then the site was reached). None
+    as well when it cannot be told (no ASN database, unplaced answers, nothing to
+    compare with).
     """
     m = j.m
     if not j.asn_known:
@@ -530,9 +551,7 @@ def _dns_network(j: _Judge, system: list[DNSQuery], genuine: set[str]) -> Verdic
         expected_asns=sorted(reference),
         control_answers=sorted(genuine),
     )
-    if confidence == "high":
-        return j.verdict(False, "dns", confidence)
-    j.foreign = confidence
+    j.foreign = confidence  # stands unless the next steps show more (see _dns_answers)
     return None
 
 
@@ -560,7 +579,13 @@ def _blame_dns(j: _Judge, step: str, failure: str) -> Verdict | None:
         control_answers=j.inconsistent,
         failure=failure,
     )
-    return j.verdict(False, "dns", "medium")
+    return j.verdict(False, "dns", _stronger("medium", j.foreign))
+
+
+def _stronger(a: str, b: str | None) -> str:
+    """The higher of two confidences (``b`` may be None)."""
+    order = ("low", "medium", "high")
+    return a if b is None or order.index(a) >= order.index(b) else b
 
 
 # -- TCP -------------------------------------------------------------------------
@@ -776,6 +801,7 @@ def _http(j: _Judge) -> Verdict | None:
         ours is not None and theirs is not None and _title_words(ours) == _title_words(theirs)
     )
     if same_status and (proportion > 0.7 or same_title):
+        j.content_matches = True
         return None
     if j.inconsistent or j.foreign:
         j.why(
@@ -788,7 +814,7 @@ def _http(j: _Judge) -> Verdict | None:
             control_status=control.status,
             proportion=round(proportion, 3),
         )
-        return j.verdict(False, "dns", "medium")
+        return j.verdict(False, "dns", _stronger("medium", j.foreign))
     j.why(
         "http_differs",
         f"the page differs from the control helper's (status {last.status} vs {control.status}, "

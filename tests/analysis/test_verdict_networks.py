@@ -384,3 +384,18 @@ def test_a_blockpage_at_a_foreign_answer_is_dns_with_both_reasons() -> None:
     v = judge(m(t, **steps), Controls(helper=genuine_helper(t), asn_db=True))
     assert (v.accessible, v.blocking, v.confidence) == (False, "dns", "high")
     assert {"dns_foreign_network", "dns_to_blockpage"} <= set(codes(v))
+
+
+def test_a_foreign_answer_serving_the_helpers_page_was_the_site() -> None:
+    """OONI's web_connectivity rule: DNS inconsistent, but the page is the control's."""
+    t = web_target("http", known=False)
+    steps = {"queries": [q(FORGED)], "tcp_connect": [tcp(FORGED, port=80)],
+             "requests": [page("http")]}  # fmt: skip
+    v = judge(m(t, **steps), Controls(helper=genuine_helper(t), asn_db=True))
+    assert (v.accessible, v.blocking, v.confidence) == (True, False, "low")
+    assert codes(v)[-1] == "dns_foreign_page_matches"
+    # A bare-TCP target has no page to compare: the forged answer stands.
+    tt = tcp_target()
+    bare = judge(m(tt, queries=[q(FORGED)], tcp_connect=[tcp(FORGED)]),
+                 Controls(helper=genuine_helper(tt), asn_db=True))  # fmt: skip
+    assert (bare.blocking, bare.confidence) == ("dns", "high")
