@@ -763,6 +763,11 @@ def _http(j: _Judge) -> Verdict | None:
             )
             return j.verdict(False, "http-diff", "high")
     control = j.helper_http()
+    if last.failure is not None and j.foreign is not None:
+        # The answer was forged (its network says so): what failed there is its doing.
+        blamed = _blame_dns(j, "HTTP exchange", last.failure)
+        if blamed is not None:
+            return blamed
     if last.failure is not None:
         return _http_failure(j, last, control)
     if control is None or control.status is None or control.failure is not None:

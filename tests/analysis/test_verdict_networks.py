@@ -399,3 +399,16 @@ def test_a_foreign_answer_serving_the_helpers_page_was_the_site() -> None:
     bare = judge(m(tt, queries=[q(FORGED)], tcp_connect=[tcp(FORGED)]),
                  Controls(helper=genuine_helper(tt), asn_db=True))  # fmt: skip
     assert (bare.blocking, bare.confidence) == ("dns", "high")
+
+
+def test_an_http_failure_at_a_forged_answer_is_dns() -> None:
+    t = web_target("http", known=False)
+    reset = HTTPTransaction(f"http://{NAME}/", "GET", 0.2, 0.3, failure="connection_reset",
+                            failed_operation="read")  # fmt: skip
+    steps = {"queries": [q(FORGED)], "tcp_connect": [tcp(FORGED, port=80)], "requests": [reset]}
+    v = judge(m(t, **steps), Controls(helper=genuine_helper(t), asn_db=True))
+    assert (v.accessible, v.blocking) == (False, "dns")
+    # Only unlike the helper's answers (no database): a CDN may differ; the reset decides.
+    unplaced = {**steps, "queries": [q(FORGED, placed=False)]}
+    v2 = judge(m(t, **unplaced), Controls(helper=genuine_helper(t, placed=False)))
+    assert v2.blocking == "http-failure"
