@@ -39,7 +39,7 @@ class Analyser:
             self.controls_done.set()
         self._stopped = asyncio.Event()
         self.control_url, self.token, self.timeout = control_url, token or None, timeout
-        self.fingerprints = fingerprints or FingerprintDB.builtin()
+        self.fingerprints = fingerprints if fingerprints is not None else FingerprintDB.builtin()
         #: Places the control helper's answers in their networks, as the probe's own
         #: are (the helper may run without a database); None: no ASN database.
         self.geo = geo if geo is not None and geo.has_asn else None
