@@ -771,6 +771,8 @@ def _http(j: _Judge) -> Verdict | None:
     if last.failure is not None:
         return _http_failure(j, last, control)
     if control is None or control.status is None or control.failure is not None:
+        if j.foreign is not None:
+            return None  # the answer was forged, whatever page it gave: DNS decides
         expected = m.target.expect.status
         if expected and last.status not in expected:
             j.why(

@@ -412,3 +412,15 @@ def test_an_http_failure_at_a_forged_answer_is_dns() -> None:
     unplaced = {**steps, "queries": [q(FORGED, placed=False)]}
     v2 = judge(m(t, **unplaced), Controls(helper=genuine_helper(t, placed=False)))
     assert v2.blocking == "http-failure"
+
+
+def test_a_cleartext_page_at_a_forged_answer_is_dns_even_without_a_helper() -> None:
+    t = Target(id="dc", service="svc", kind="http", host=NAME, url=f"http://{NAME}/",
+               expect=Expectations(asns=(META,)))  # fmt: skip
+    steps = {"queries": [q(FORGED)], "tcp_connect": [tcp(FORGED, port=80)],
+             "requests": [page("http")]}  # fmt: skip
+    v = judge(m(t, **steps), Controls(helper_error="refused", asn_db=True))
+    assert (v.accessible, v.blocking, v.confidence) == (False, "dns", "medium")
+    genuine = judge(m(t, **{**steps, "queries": [q(REAL)], "tcp_connect": [tcp(REAL, port=80)]}),
+                    Controls(helper_error="refused", asn_db=True))  # fmt: skip
+    assert (genuine.accessible, genuine.blocking) == (None, None)  # cleartext, no control
