@@ -80,6 +80,13 @@ class ControlSection:
 
 
 @dataclass(frozen=True)
+class AnalysisSection:
+    #: Extra blockpage fingerprint files (the format of probe/analysis/fingerprints.toml),
+    #: tried before the shipped ones: a network's own knowledge.
+    fingerprints: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class DaemonSection:
     stop_timeout: float = 20.0  # SIGTERM: seconds to finish what is in flight, then cancel
     residual_gap: float = 180.0  # no endpoint is re-tested sooner (residual blocking)
@@ -126,6 +133,7 @@ class Config:
     dns: DNSSection = field(default_factory=DNSSection)
     engine: EngineSection = field(default_factory=EngineSection)
     control: ControlSection = field(default_factory=ControlSection)
+    analysis: AnalysisSection = field(default_factory=AnalysisSection)
     daemon: DaemonSection = field(default_factory=DaemonSection)
     privacy: PrivacySection = field(default_factory=PrivacySection)
     retention: RetentionSection = field(default_factory=RetentionSection)
@@ -149,6 +157,7 @@ _SECTIONS: dict[str, type] = {
     "dns": DNSSection,
     "engine": EngineSection,
     "control": ControlSection,
+    "analysis": AnalysisSection,
     "daemon": DaemonSection,
     "privacy": PrivacySection,
     "retention": RetentionSection,
@@ -354,6 +363,9 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"control.url: an http:// or https:// URL, got {cfg.control.url!r}")
     if v.network_type not in ("", "wifi", "ethernet", "mobile"):
         raise ConfigError(f"vantage.network_type: wifi, ethernet or mobile, got {v.network_type!r}")
+    for path in cfg.analysis.fingerprints:
+        if not Path(path).expanduser().is_file():
+            raise ConfigError(f"analysis.fingerprints: no such file: {path}")
     d = cfg.daemon
     for name in ("stop_timeout", "residual_gap"):
         value = getattr(d, name)

@@ -404,10 +404,24 @@ def check_consent(cfg: Config, inputs: Inputs) -> Check:
     )
 
 
+#: What the probe loses without an ASN database (said by ``vantage doctor``).
+NO_ASN_DB_COST = (
+    "without an ASN database the probe's network is unknown (AS0) and DNS answers cannot be "
+    "placed in networks: a forged answer that accepts connections (bare-TCP targets such as "
+    "WhatsApp's and Messenger's endpoints) reads as reachable, unverified"
+)
+
+
 def check_mmdb(cfg: Config, inputs: Inputs) -> Check:
     v = cfg.vantage
+    hint = "re-run deploy/install.sh with Internet, or download DB-IP lite from db-ip.com"
     if not (v.asn_db or v.country_db):
-        return Check("ip databases", SKIP, "none configured (vantage.asn_db, vantage.country_db)")
+        return Check(
+            "ip databases",
+            SKIP,
+            f"none configured (vantage.asn_db, vantage.country_db); {NO_ASN_DB_COST}",
+            hint,
+        )
     problems: list[str] = []
     stale: list[str] = []
     good: list[str] = []
@@ -431,11 +445,13 @@ def check_mmdb(cfg: Config, inputs: Inputs) -> Check:
         if (inputs.now() - built).days > MMDB_STALE_DAYS:
             stale.append(f"{Path(path).name} built {built:%Y-%m-%d}")
         good.append(f"{Path(path).name} ({kind}, {built:%Y-%m-%d})")
-    hint = "re-run deploy/install.sh with Internet, or download DB-IP lite from db-ip.com"
     if problems:
         return Check("ip databases", FAIL, "; ".join(problems), hint)
     if stale:
         return Check("ip databases", WARN, "stale: " + "; ".join(stale), hint)
+    if not v.asn_db:
+        return Check("ip databases", WARN, "; ".join(good) + f"; no ASN database: {NO_ASN_DB_COST}",
+                     hint)  # fmt: skip
     return Check("ip databases", OK, "; ".join(good))
 
 

@@ -36,8 +36,10 @@ from probe.config import Config, ConfigError
 
 if TYPE_CHECKING:  # the engine is imported when a run starts, not before (daemon memory)
     from probe.analysis import ServiceStatus
+    from probe.analysis.fingerprints import FingerprintDB
     from probe.engine.context import EngineContext
     from probe.engine.run import Run
+    from probe.geoip import GeoIP
     from probe.store import Store
     from schema.model import Measurement, Service, Target
 
@@ -172,6 +174,7 @@ class SuiteRun:
 
     async def execute(self) -> RunResult:
         from probe.engine.run import Run
+        from probe.geoip import annotate_answers
         from probe.privacy import OwnAddresses, Scrub, own_addresses, scrub_key
         from probe.store import BatchWriter
         from probe.vantage import discover
@@ -186,7 +189,10 @@ class SuiteRun:
         scrubber = Scrub(own, await asyncio.to_thread(scrub_key, data_dir))
         run = Run(self.targets, discovered.vantage, self.ctx, concurrency=cfg.engine.concurrency,
                   deadline=cfg.engine.run_deadline)  # fmt: skip
-        analyser = Analyser(self.targets, cfg.control.url, cfg.control.token, cfg.control.timeout)
+        fingerprints = await asyncio.to_thread(_fingerprints, cfg)
+        geo = await asyncio.to_thread(_asn_database, cfg)
+        analyser = Analyser(self.targets, cfg.control.url, cfg.control.token, cfg.control.timeout,
+                            geo=geo, fingerprints=fingerprints)  # fmt: skip
         self._analyser_stop = analyser.stop
         done: list[Measurement] = []
 
@@ -201,6 +207,7 @@ class SuiteRun:
                              max_delay=self.max_delay)  # fmt: skip
 
         async def finished(m: Measurement) -> None:
+            annotate_answers(m.queries, geo)  # the network of every answer, kept as evidence
             try:
                 await analyser.analyse(m)  # judged before it is written, written before shown
             finally:
@@ -242,6 +249,8 @@ class SuiteRun:
                                         run.ctx.now_utc())  # fmt: skip
         finally:
             lock.release()
+            if geo is not None:
+                geo.close()
         statuses = await asyncio.to_thread(
             services_and_events, self.store, run, self.services, done, analyser.offline
         )
@@ -284,6 +293,31 @@ class RunLock:
             fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
         finally:
             self._fh.close()
+
+
+def _fingerprints(cfg: Config) -> FingerprintDB:
+    """The shipped fingerprints plus the configured files; a bad file fails the run
+    before anything is measured, naming the file, entry and key."""
+    from probe.analysis.fingerprints import FingerprintDB, FingerprintError
+
+    try:
+        return FingerprintDB.with_files(cfg.analysis.fingerprints)
+    except FingerprintError as exc:
+        raise ConfigError(f"analysis.fingerprints: {exc}") from exc
+
+
+def _asn_database(cfg: Config) -> GeoIP | None:
+    """The ASN database that places each DNS answer in its network, or None when none
+    is configured or it cannot be read (discovery and ``vantage doctor`` say why; the
+    verdicts then say that the ASN checks were skipped)."""
+    from probe.geoip import GeoIP, GeoIPError
+
+    if not cfg.vantage.asn_db:
+        return None
+    try:
+        return GeoIP(asn_db=cfg.vantage.asn_db)
+    except GeoIPError:
+        return None
 
 
 def services_and_events(

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from probe.analysis import Controls, judge, offline
 from probe.analysis.fingerprints import FingerprintDB
 from probe.control import ControlResult, ask_control
+from probe.geoip import GeoIP, annotate_answers
 from schema.model import Measurement, Target
 
 
@@ -27,6 +28,8 @@ class Analyser:
         control_url: str = "",
         token: str = "",
         timeout: float = 30.0,
+        geo: GeoIP | None = None,
+        fingerprints: FingerprintDB | None = None,
     ) -> None:
         self.expected_controls = sum(1 for t in targets if t.control)
         self.controls: list[Measurement] = []
@@ -36,7 +39,10 @@ class Analyser:
             self.controls_done.set()
         self._stopped = asyncio.Event()
         self.control_url, self.token, self.timeout = control_url, token or None, timeout
-        self.fingerprints = FingerprintDB.builtin()
+        self.fingerprints = fingerprints if fingerprints is not None else FingerprintDB.builtin()
+        #: Places the control helper's answers in their networks, as the probe's own
+        #: are (the helper may run without a database); None: no ASN database.
+        self.geo = geo if geo is not None and geo.has_asn else None
         self._asked: dict[tuple[str, str], asyncio.Task[ControlResult]] = {}
 
     @property
@@ -58,7 +64,9 @@ class Analyser:
     async def analyse(self, m: Measurement) -> None:
         """Set ``m.verdict``. Called for every finished measurement, controls first."""
         if m.target.control:
-            m.verdict = judge(m, Controls(fingerprints=self.fingerprints))
+            m.verdict = judge(
+                m, Controls(fingerprints=self.fingerprints, asn_db=self.geo is not None)
+            )
             self.controls.append(m)
             if len(self.controls) >= self.expected_controls:
                 self._controls_in()
@@ -77,7 +85,12 @@ class Analyser:
             else:
                 asked.cancel()
                 error = "the run was stopped before the control helper answered"
-        m.verdict = judge(m, Controls(self.offline, helper, error, self.fingerprints))
+        if helper is not None:
+            annotate_answers(helper.queries, self.geo)
+        m.verdict = judge(
+            m,
+            Controls(self.offline, helper, error, self.fingerprints, asn_db=self.geo is not None),
+        )
 
     def stop(self) -> None:
         """The run is ending: judge with the control targets that came in, and stop

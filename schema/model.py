@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 TargetKind = Literal["dns", "tcp", "tls", "http"]
 TARGET_KINDS: tuple[str, ...] = ("dns", "tcp", "tls", "http")
+TargetRole = Literal["essential", "diagnostic"]
+TARGET_ROLES: tuple[str, ...] = ("essential", "diagnostic")
 
 #: The closed failure vocabulary (REFERENCE.md section 3). ``unknown_failure: <detail>``
 #: is the one open-ended member; see :func:`is_failure_string`.
@@ -109,6 +111,9 @@ class Target:
     source: Source | None = None
     control: bool = False
     ca_file: str | None = None
+    #: "essential" (the service needs it) or "diagnostic" (it only helps explain a
+    #: result, such as Signal's uptime name: it never decides the service's status).
+    role: TargetRole = "essential"
 
     @property
     def input(self) -> str:
@@ -164,6 +169,11 @@ class DNSAnswer:
     answer_type: str  # "A", "AAAA", "CNAME", ...
     value: str
     ttl: int
+    #: The network an address answer belongs to, from the offline ASN database when
+    #: the answer came in (as OONI records it): None when no database was consulted,
+    #: 0 when the database does not know the address.
+    asn: int | None = None
+    as_org_name: str | None = None
 
 
 @dataclass

@@ -118,6 +118,7 @@ def target_to_wire(t: Target) -> Doc:
         "addresses": list(t.addresses),
         "sni": t.sni,
         "control": t.control,
+        **({"role": t.role} if t.role != "essential" else {}),
         "expect": {
             "asns": list(t.expect.asns),
             "cert_names": list(t.expect.cert_names),
@@ -144,6 +145,7 @@ def target_from_wire(d: Doc) -> Target:
         addresses=tuple(d.get("addresses") or ()),
         sni=d.get("sni"),
         control=bool(d.get("control", False)),
+        role="diagnostic" if d.get("role") == "diagnostic" else "essential",
         expect=Expectations(
             asns=tuple(exp.get("asns") or ()),
             cert_names=tuple(exp.get("cert_names") or ()),
@@ -161,9 +163,7 @@ def query_to_wire(q: DNSQuery) -> Doc:
         "resolver_address": q.resolver_address,
         "system_resolver": q.system_resolver,
         "rcode": q.rcode,
-        "answers": [
-            {"answer_type": a.answer_type, **_answer_value(a), "ttl": a.ttl} for a in q.answers
-        ],
+        "answers": [_answer_to_wire(a) for a in q.answers],
         "raw_response": _b64(q.raw_response) if q.raw_response is not None else None,
         "failure": q.failure,
         "failed_operation": q.failed_operation,
@@ -172,16 +172,29 @@ def query_to_wire(q: DNSQuery) -> Doc:
     }
 
 
-def _answer_value(a: DNSAnswer) -> Doc:
+def _answer_to_wire(a: DNSAnswer) -> Doc:
     key = {"A": "ipv4", "AAAA": "ipv6", "CNAME": "hostname"}.get(a.answer_type, "value")
-    return {key: a.value}
+    doc: Doc = {"answer_type": a.answer_type, key: a.value}
+    if a.asn is not None:  # looked up in an ASN database when the answer came in
+        doc["asn"], doc["as_org_name"] = a.asn, a.as_org_name
+    doc["ttl"] = a.ttl
+    return doc
 
 
 def query_from_wire(d: Doc) -> DNSQuery:
     answers = []
     for a in d.get("answers") or ():
         value = a.get("ipv4") or a.get("ipv6") or a.get("hostname") or a.get("value") or ""
-        answers.append(DNSAnswer(a["answer_type"], value, int(a["ttl"])))
+        asn = a.get("asn")
+        answers.append(
+            DNSAnswer(
+                a["answer_type"],
+                value,
+                int(a["ttl"]),
+                int(asn) if isinstance(asn, int) and not isinstance(asn, bool) else None,
+                a.get("as_org_name") if isinstance(a.get("as_org_name"), str) else None,
+            )
+        )
     raw = d.get("raw_response")
     return DNSQuery(
         hostname=d["hostname"],

@@ -48,6 +48,7 @@ import tomllib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 
 from probe.catalog import read_source
 from probe.tomltable import ErrorFactory, TableReader
@@ -425,6 +426,38 @@ class FingerprintDB:
     def builtin(cls) -> FingerprintDB:
         """The packaged database, loaded once per process."""
         return _builtin()
+
+    @classmethod
+    def with_files(cls, paths: Iterable[str]) -> FingerprintDB:
+        """The packaged database plus the fingerprint files at ``paths`` (the same
+        format; ``analysis.fingerprints`` in the configuration): a network's own
+        knowledge, or a lab scenario testing the mechanism. The files' entries are
+        tried before the packaged ones (they are the more specific); false positives
+        still come first. An id may appear only once over all of them.
+
+        Raises :class:`FingerprintError` naming the file (a missing or unreadable
+        file too)."""
+        builtin = cls.builtin()
+        extra: list[Fingerprint] = []
+        origins = [builtin.origin]
+        for path in paths:
+            try:
+                text = Path(path).read_text("utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise FingerprintError(path, "", f"cannot read: {exc}") from exc
+            for fp in parse_fingerprints(text, path):
+                if fp.id in builtin._by_id or any(e.id == fp.id for e in extra):
+                    raise FingerprintError(
+                        path,
+                        "id",
+                        "defined twice (ids are unique over every file)",
+                        fingerprint_id=fp.id,
+                    )
+                extra.append(fp)
+            origins.append(path)
+        if not extra and len(origins) == 1:
+            return builtin
+        return cls((*extra, *builtin.fingerprints), " + ".join(origins))
 
     def __len__(self) -> int:
         return len(self.fingerprints)

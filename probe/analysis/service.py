@@ -2,7 +2,8 @@
 
 A service is ``ok``, ``blocked``, ``partial`` (some essential targets blocked, others
 fine: the case OONI reads as OK), ``down`` (it fails from the control helper too),
-or ``inconclusive``. Only blocking judged with medium or high confidence counts: a
+or ``inconclusive``. Only essential targets decide (``role = "diagnostic"`` in the
+catalog marks the others). Only blocking judged with medium or high confidence counts: a
 single timeout never makes a service blocked.
 """
 
@@ -60,8 +61,12 @@ def offline(controls: Sequence[Measurement]) -> bool | None:
 def service_status(
     service: str, measurements: Iterable[Measurement], is_offline: bool | None
 ) -> ServiceStatus:
-    items = [m for m in measurements if m.target.service == service]
-    uids = tuple(m.measurement_uid for m in items)
+    measured = [m for m in measurements if m.target.service == service]
+    uids = tuple(m.measurement_uid for m in measured)
+    # The service is what its essential targets are: a diagnostic target (a DNS check,
+    # a status name such as Signal's uptime) is judged, but does not decide. Only
+    # diagnostic targets measured: they are all there is to go by.
+    items = [m for m in measured if m.target.role != "diagnostic"] or measured
     if is_offline:
         return ServiceStatus(
             service, "inconclusive", explanation="the vantage point was offline", measurements=uids

@@ -3,10 +3,20 @@
 Pure functions of a measurement and its controls (no I/O), so every rule can be
 tested with literal observations. The order follows REFERENCE.md section 2: a step is
 judged only when the steps before it got through; DNS answers are judged by
-Censored Planet's ladder (errors, bogons, blockpage addresses, agreement with
-trusted answers, a validating TLS handshake on the address); TLS failures by the SNI
-A/B test; HTTP by blockpage fingerprints (known false positives first) and by
-comparison with the control helper's view, as OONI's web_connectivity does.
+Censored Planet's ladder (errors, empty answers, bogons, blockpage addresses,
+agreement with the controls' answers, a validating TLS handshake on the address, a
+name that has no address anywhere else (ghost DNS), a certificate for another name,
+and last the answer's network: the catalog's ``expect.asns`` or the control answers'
+ASNs); TLS failures by the SNI A/B test; HTTP by blockpage fingerprints (known false
+positives first) and by comparison with the control helper's view, as OONI's
+web_connectivity does.
+
+The user's resolver decides what the user gets: connects and handshakes are judged at
+the addresses the system resolver gave (an app on this network uses those), not at a
+trusted resolver's. When the answers were not genuine, what went wrong after them is
+blamed on DNS (the cause), not on the step that showed it (a failed connect, a
+blockpage). Without a control view a cleartext page proves nothing. Without an ASN
+database the network check is skipped and the verdict says so.
 
 The controls, strongest first:
 - the control helper's measurement of the same target from an uncensored place;
@@ -25,9 +35,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from urllib.parse import urlsplit
 
 from probe.analysis.fingerprints import Fingerprint, FingerprintDB, title_of
 from schema.model import (
+    DNSAnswer,
     DNSQuery,
     HTTPTransaction,
     Measurement,
@@ -49,6 +61,8 @@ CERTIFICATE_FAILURES = frozenset(
 DNS_LIES = frozenset(
     {"dns_nxdomain_error", "dns_servfail_error", "dns_refused_error", "dns_no_answer"}
 )
+#: DNS failures that say "this name has no address" (not "I could not find out").
+NO_SUCH_NAME = frozenset({"dns_nxdomain_error", "dns_no_answer"})
 #: Below this transfer rate (bytes/s) a download cut by a timeout looks throttled; a
 #: bad link can be this slow too, so it is weak evidence unless the rate collapsed
 #: below ``COLLAPSED_RATE`` (Russia's 2021 throttling left a few kB/s).
@@ -67,6 +81,9 @@ class Controls:
     helper: Measurement | None = None
     helper_error: str | None = None
     fingerprints: FingerprintDB = field(default_factory=FingerprintDB.builtin)
+    #: True when an ASN database placed the answers in their networks (answers then
+    #: carry ``asn``); answers that carry an ``asn`` count as placed either way.
+    asn_db: bool = False
 
 
 # -- small readers over observations ------------------------------------------------
@@ -92,6 +109,22 @@ def _answers(queries: Sequence[DNSQuery]) -> set[str]:
     return {a for q in queries if q.failure is None for a in q.addresses()}
 
 
+def _answer_records(queries: Sequence[DNSQuery]) -> list[DNSAnswer]:
+    return [
+        a for q in queries if q.failure is None for a in q.answers if a.answer_type in ("A", "AAAA")
+    ]
+
+
+def _networks(queries: Sequence[DNSQuery]) -> set[int]:
+    """The AS numbers the ASN database placed these answers in (unknown ones left out)."""
+    return {a.asn for a in _answer_records(queries) if a.asn}
+
+
+def _placed(queries: Sequence[DNSQuery]) -> bool:
+    """True when the answers were looked up in an ASN database."""
+    return any(a.asn is not None for a in _answer_records(queries))
+
+
 def _all_failed(observations: Sequence[TCPConnect | TLSHandshake | DNSQuery]) -> bool:
     return bool(observations) and all(o.failure is not None for o in observations)
 
@@ -107,6 +140,15 @@ def _sni_controls(m: Measurement) -> list[TLSHandshake]:
 def _answered(h: TLSHandshake) -> bool:
     """The server answered the handshake (a certificate error is still an answer)."""
     return h.failure is None or h.failure.startswith("ssl_") and h.failure != "ssl_failed_handshake"
+
+
+def users_addresses(m: Measurement) -> set[str] | None:
+    """The addresses an app on this network would use: the target's fixed addresses
+    and the system resolver's answers. None when the probe did not ask the system
+    resolver (only trusted resolvers were configured): then every address counts."""
+    if not any(q.system_resolver for q in _own_queries(m)):
+        return None
+    return set(m.target.addresses) | _answers(system_queries(m))
 
 
 def _first_failure(observations: Sequence[TCPConnect | TLSHandshake | DNSQuery]) -> str:
@@ -129,10 +171,34 @@ class _Judge:
                 controls, helper=None, helper_error="the control helper was cut short"
             )
         self.m, self.c = m, controls
+        # The user's resolver decides what the user gets: connects and handshakes are
+        # judged at the addresses it gave (a trusted resolver's working address does
+        # not make the target reachable for an app on this network). When none of those
+        # was tried (nothing but trusted answers), every address counts.
+        users = users_addresses(m)
+        tcp = [c for c in m.tcp_connect if users is None or c.ip in users]
+        self.tcp = tcp or list(m.tcp_connect)
+        tls = [h for h in target_handshakes(m) if users is None or h.ip in users]
+        self.tls = tls or target_handshakes(m)
+        #: Addresses other than the user's that got through (a trusted resolver's).
+        self.elsewhere: list[str] = []
+        if users is not None and tcp:
+            shaken = target_handshakes(m)
+            worked = (
+                {h.ip for h in shaken if h.failure is None}
+                if shaken
+                else {c.ip for c in m.tcp_connect if c.failure is None}
+            )
+            self.elsewhere = sorted(worked - users)
         self.reasons: list[Reason] = []
         self.used: list[str] = []
         #: The control answers, when the system resolver's answers differ from them.
         self.inconsistent: list[str] = []
+        #: The confidence of a "forged: outside the genuine networks" conclusion that
+        #: waits for the next steps (they may show more), or None.
+        self.foreign: str | None = None
+        #: The page matched the control helper's (OONI's comparisons).
+        self.content_matches = False
         if _known(m):
             self.used.append("catalog")
         if controls.offline is not None:
@@ -141,6 +207,16 @@ class _Judge:
             self.used.append("control_helper")
         if _trusted_queries(m):
             self.used.append("trusted_dns")
+        #: The answers could be placed in their networks (an ASN database was used).
+        self.asn_known = controls.asn_db or _placed(system_queries(m))
+        if self.asn_known and _answers(system_queries(m)):
+            self.used.append("asn_database")
+
+    def unlike(self) -> str:
+        """How the system resolver's answers are unlike genuine ones, for a reason."""
+        if self.inconsistent:
+            return f"differ from the controls' ({', '.join(self.inconsistent)})"
+        return "are outside the networks a genuine answer comes from"
 
     def why(self, code: str, detail: str, **evidence: object) -> None:
         self.reasons.append(Reason(code, detail, dict(evidence)))
@@ -156,6 +232,13 @@ class _Judge:
             )
         elif self.c.helper is None:
             self.why("no_control_helper", "no control helper: judged from the probe's own controls")
+        if not self.asn_known and _answers(system_queries(self.m)):
+            self.why(
+                "no_asn_database",
+                "no ASN database (vantage.asn_db): the answers were not placed in their "
+                "networks, so the last DNS check (is the answer in a genuine answer's network?) "
+                "was skipped",
+            )
         return Verdict(
             accessible, blocking, confidence, explanation, self.reasons, sorted(set(self.used))
         )
@@ -169,10 +252,45 @@ class _Judge:
     def helper_answers(self) -> set[str]:
         return _answers(_own_queries(self.helper)) if self.helper else set()
 
+    def helper_no_such_name(self) -> str | None:
+        """The helper's failure when it found that the name has no address, else None."""
+        own = _own_queries(self.helper) if self.helper else []
+        failure = _first_failure(own) if _all_failed(own) else None
+        return failure if failure in NO_SUCH_NAME else None
+
+    def control_queries(self) -> list[DNSQuery]:
+        """The queries whose answers count as genuine: the control helper's (from an
+        uncensored place) when it answered, else the trusted resolvers'.
+
+        An on-path injector answers every plaintext query on the path, to any
+        resolver: a trusted resolver's UDP or TCP answer placed outside the networks
+        the catalog expects is the injector's, not a control, and is left out.
+        DoH answers cross the path encrypted and always count.
+        """
+        helper = [q for q in _own_queries(self.helper) if q.failure is None] if self.helper else []
+        if _answers(helper):
+            return helper
+        expected = set(self.m.target.expect.asns)
+        kept = []
+        for q in _trusted_queries(self.m):
+            if q.failure is not None:
+                continue
+            asns = {a.asn for a in _answer_records([q]) if a.asn}
+            if q.engine != "doh" and expected and asns and not asns & expected:
+                continue
+            kept.append(q)
+        return kept
+
     def helper_connects(self) -> bool | None:
         if self.helper is None or not self.helper.tcp_connect:
             return None
         return any(c.failure is None for c in self.helper.tcp_connect)
+
+    def helper_endpoints(self) -> set[tuple[str, int]]:
+        """The endpoints the control helper connected to."""
+        if self.helper is None:
+            return set()
+        return {(c.ip, c.port) for c in self.helper.tcp_connect if c.failure is None}
 
     def helper_tls(self) -> TLSHandshake | None:
         if self.helper is None:
@@ -203,7 +321,17 @@ def judge(m: Measurement, controls: Controls | None = None) -> Verdict:
         result = rule(j)
         if result is not None:
             return result
-    validated = any(h.failure is None for h in target_handshakes(m))
+    validated = any(h.failure is None for h in j.tls)
+    if j.foreign is not None and j.content_matches:
+        # As OONI's web_connectivity: inconsistent DNS, but the page is the genuine one.
+        j.why(
+            "dns_foreign_page_matches",
+            "the answer is outside the genuine networks, but the page it gave is the control "
+            "helper's: the site was reached (a CDN, or a proxy passing it through)",
+        )
+        return j.verdict(True, False, "low")
+    if j.foreign is not None:
+        return j.verdict(False, "dns", j.foreign)  # the answer was forged; it worked
     if j.inconsistent and not validated:
         j.why(
             "reachable_unverified",
@@ -224,11 +352,10 @@ def _dns(j: _Judge) -> Verdict | None:
     system = system_queries(m)
     if not system:
         return None  # an address target: nothing to resolve
-    trusted_ok = _answers(_trusted_queries(m))
     helper_ok = j.helper_answers()
     # An on-path injector answers queries to any resolver, so the control helper's
     # answers (from an uncensored place) are preferred to other resolvers' here.
-    genuine = helper_ok or trusted_ok
+    genuine = _answers(j.control_queries())
     if _all_failed(system):
         failure = _first_failure(system)
         answers = sorted({a for q in system for a in q.addresses()})
@@ -287,7 +414,16 @@ def _dns(j: _Judge) -> Verdict | None:
             failure=failure,
         )
         return j.verdict(False, None, "low")
-    # Answers came back: are they genuine? (Censored Planet's ladder.)
+    return _dns_answers(j, system, genuine)
+
+
+def _dns_answers(j: _Judge, system: list[DNSQuery], genuine: set[str]) -> Verdict | None:
+    """Answers came back: are they genuine? Censored Planet's ladder, in its order:
+    a known blockpage address; agreement with the controls' answers (ok); a validating
+    handshake at the address (ok); the name has no address anywhere else (ghost); a
+    certificate for another name; the answers' network (ok when it is the catalog's or
+    the controls', forged when it is neither); otherwise the next steps decide."""
+    m = j.m
     answers = sorted(_answers(system))
     fp = next((f for a in answers if (f := j.c.fingerprints.match_dns(a))), None)
     if fp is not None:
@@ -300,8 +436,19 @@ def _dns(j: _Judge) -> Verdict | None:
         )
         return j.verdict(False, "dns", "high")
     validated = {h.ip for h in target_handshakes(m) if h.failure is None}
-    if set(answers) & (genuine | validated) or not genuine and not target_handshakes(m):
-        return None  # consistent (or nothing to compare with): judge the next steps
+    if set(answers) & (genuine | validated):
+        return None  # consistent: judge the next steps
+    nowhere = _no_such_name_elsewhere(j)
+    if nowhere is not None:
+        who, failure = nowhere
+        j.why(
+            "dns_ghost_answer",
+            f"the system resolver answered {', '.join(answers)} for a name that has no "
+            f"address for {who} ({failure}): the name resolves only on this network",
+            answers=answers,
+            control_failure=failure,
+        )
+        return j.verdict(False, "dns", "high" if who == "the control helper" else "medium")
     wrong_name = [
         h for h in target_handshakes(m) if h.failure == "ssl_invalid_hostname" and h.ip in answers
     ]
@@ -317,6 +464,14 @@ def _dns(j: _Judge) -> Verdict | None:
             control_answers=sorted(genuine),
         )
         return j.verdict(False, "dns", "high")
+    network = _dns_network(j, system, genuine)
+    if network is True:
+        return None  # a CDN in the genuine network: consistent
+    if j.foreign is not None:
+        # Forged; the next steps may show more (what the address did, a blockpage or
+        # the genuine page there); if they show nothing, this conclusion stands.
+        j.inconsistent = sorted(genuine)
+        return None
     if genuine:
         j.inconsistent = sorted(genuine)
         j.why(
@@ -329,19 +484,108 @@ def _dns(j: _Judge) -> Verdict | None:
     return None
 
 
+def _no_such_name_elsewhere(j: _Judge) -> tuple[str, str] | None:
+    """(who, failure) when an uncensored view found that the name has no address: the
+    control helper, or (without a helper answer) every trusted resolver."""
+    helper = j.helper_no_such_name()
+    if helper is not None:
+        return "the control helper", helper
+    if j.helper_answers():
+        return None
+    trusted = _trusted_queries(j.m)
+    if trusted and all(q.failure in NO_SUCH_NAME for q in trusted):
+        return "the trusted resolvers", _first_failure(trusted)
+    return None
+
+
+def _dns_network(j: _Judge, system: list[DNSQuery], genuine: set[str]) -> bool | None:
+    """Censored Planet's last check: the networks the answers are in.
+
+    True when an answer is in a network a genuine answer comes from (the catalog's
+    ``expect.asns`` or the control answers'): a CDN answering differently by place.
+    None when every placed answer is outside all of them: the conclusion "forged" is
+    recorded (``j.foreign``, with its confidence: high when the catalog and the control
+    helper agree) and stands unless the next steps show more: the failure or blockpage
+    it led to, or a page identical to the helper's (then the site was reached). None
+    as well when it cannot be told (no ASN database, unplaced answers, nothing to
+    compare with).
+    """
+    m = j.m
+    if not j.asn_known:
+        return None
+    expected = set(m.target.expect.asns)
+    control_networks = _networks(j.control_queries()) if genuine else set()
+    reference = expected | control_networks
+    ours = _networks(system)
+    if not ours or not reference:
+        return None
+    answers = sorted(_answers(system))
+    if ours & reference:
+        j.why(
+            "dns_same_network",
+            f"the system resolver's answers ({', '.join(answers)}) differ from the controls' "
+            f"but are in a network a genuine answer comes from "
+            f"(AS{', AS'.join(map(str, sorted(ours & reference)))})",
+            answers=answers,
+            answer_asns=sorted(ours),
+        )
+        return True
+    if expected and j.helper is not None:
+        confidence = "high"  # the catalog and an uncensored view agree on the network
+    elif expected or (control_networks and j.helper is not None):
+        confidence = "medium"
+    else:
+        confidence = "low"  # only a trusted resolver's view: CDNs answer by place
+    names = sorted(
+        {a.as_org_name for a in _answer_records(system) if a.asn in ours and a.as_org_name}
+    )
+    j.why(
+        "dns_foreign_network",
+        f"the system resolver's answers ({', '.join(answers)}) are in "
+        f"AS{', AS'.join(map(str, sorted(ours)))}"
+        + (f" ({', '.join(names)})" if names else "")
+        + f", not in the networks a genuine answer comes from "
+        f"(AS{', AS'.join(map(str, sorted(reference)))}): a forged answer",
+        answers=answers,
+        answer_asns=sorted(ours),
+        expected_asns=sorted(reference),
+        control_answers=sorted(genuine),
+    )
+    j.foreign = confidence  # stands unless the next steps show more (see _dns_answers)
+    return None
+
+
 def _blame_dns(j: _Judge, step: str, failure: str) -> Verdict | None:
     """Answers unlike the controls', and then the connection to them failed: the
     answers were the block (a forged address), not the later step."""
-    if not j.inconsistent:
+    if not j.inconsistent and j.foreign is None:
         return None
+    if j.inconsistent and j.elsewhere:
+        # The genuine addresses work from here: only the answer stands in the way.
+        j.why(
+            "dns_system_answer_fails",
+            f"the system resolver's answers differ from the controls' "
+            f"({', '.join(j.inconsistent)}) and the {step} to them failed ({failure}), while "
+            f"the controls' addresses ({', '.join(j.elsewhere)}) got through: an app using "
+            "this network's resolver cannot reach it",
+            control_answers=j.inconsistent,
+            failure=failure,
+            working=j.elsewhere,
+        )
+        return j.verdict(False, "dns", "high")
     j.why(
         "dns_inconsistent_then_failed",
-        f"the system resolver's answers differ from the controls' ({', '.join(j.inconsistent)}) "
-        f"and the {step} to them failed ({failure})",
+        f"the system resolver's answers {j.unlike()} and the {step} to them failed ({failure})",
         control_answers=j.inconsistent,
         failure=failure,
     )
-    return j.verdict(False, "dns", "medium")
+    return j.verdict(False, "dns", _stronger("medium", j.foreign))
+
+
+def _stronger(a: str, b: str | None) -> str:
+    """The higher of two confidences (``b`` may be None)."""
+    order = ("low", "medium", "high")
+    return a if b is None or order.index(a) >= order.index(b) else b
 
 
 # -- TCP -------------------------------------------------------------------------
@@ -349,24 +593,33 @@ def _blame_dns(j: _Judge, step: str, failure: str) -> Verdict | None:
 
 def _tcp(j: _Judge) -> Verdict | None:
     m = j.m
-    if not _all_failed(m.tcp_connect):
+    if not _all_failed(j.tcp):
         return None
-    failure = _first_failure(m.tcp_connect)
-    endpoints = [f"{c.ip}:{c.port}" for c in m.tcp_connect]
+    failure = _first_failure(j.tcp)
+    endpoints = [f"{c.ip}:{c.port}" for c in j.tcp]
     blamed = _blame_dns(j, "connect", failure)
     if blamed is not None:
         return blamed
     helper = j.helper_connects()
     if helper is True:
-        # A RST is an answer someone sent; one timeout may be a lost packet, so a
-        # timeout counts only when several endpoints all timed out.
+        # A RST is an answer someone sent. A timeout is every SYN of the attempt lost:
+        # it counts when the control helper connected to the very same endpoint (the
+        # server is up and takes connections: OONI's tcp_ip rule), or when several
+        # endpoints all timed out; to another endpoint only, one timeout may be the link.
+        same = j.helper_endpoints() & {(c.ip, c.port) for c in j.tcp}
         if failure == "connection_refused":
             confidence = "high"
         else:
-            confidence = "medium" if len(m.tcp_connect) > 1 else "low"
+            several = len({(c.ip, c.port) for c in j.tcp}) > 1
+            confidence = "medium" if same or several else "low"
         j.why(
             "tcp_failure_vs_control",
-            f"every connect failed ({failure}) while the control helper connected",
+            f"every connect failed ({failure}) while the control helper connected"
+            + (
+                f" to the same endpoint ({', '.join(f'{ip}:{p}' for ip, p in sorted(same))})"
+                if same
+                else ""
+            ),
             failure=failure,
             endpoints=endpoints,
         )
@@ -400,7 +653,7 @@ def _tcp(j: _Judge) -> Verdict | None:
 
 def _tls(j: _Judge) -> Verdict | None:
     m = j.m
-    targets = target_handshakes(m)
+    targets = j.tls
     if not _all_failed(targets):
         return None
     failure = _first_failure(targets)
@@ -489,6 +742,17 @@ def _http(j: _Judge) -> Verdict | None:
             )
             # The network let the site answer; what the site shows is its own choice.
             return j.verdict(None, False, "medium")
+        if fp is not None and (j.inconsistent or j.foreign):
+            # The blockpage is the symptom; the answer that led there is the cause.
+            j.why(
+                "dns_to_blockpage",
+                f"the system resolver's answers {j.unlike()} and lead to a blockpage "
+                f"(fingerprint {fp.id}: {fp.description})",
+                fingerprint=fp.id,
+                control_answers=j.inconsistent,
+                url=last.url,
+            )
+            return j.verdict(False, "dns", "high")
         if fp is not None:
             j.why(
                 "blockpage",
@@ -499,9 +763,16 @@ def _http(j: _Judge) -> Verdict | None:
             )
             return j.verdict(False, "http-diff", "high")
     control = j.helper_http()
+    if last.failure is not None and j.foreign is not None:
+        # The answer was forged (its network says so): what failed there is its doing.
+        blamed = _blame_dns(j, "HTTP exchange", last.failure)
+        if blamed is not None:
+            return blamed
     if last.failure is not None:
         return _http_failure(j, last, control)
     if control is None or control.status is None or control.failure is not None:
+        if j.foreign is not None:
+            return None  # the answer was forged, whatever page it gave: DNS decides
         expected = m.target.expect.status
         if expected and last.status not in expected:
             j.why(
@@ -512,6 +783,18 @@ def _http(j: _Judge) -> Verdict | None:
                 expected=list(expected),
             )
             return j.verdict(False, "http-diff", "low")
+        if urlsplit(last.url).scheme == "http" and not m.target.control:
+            # Anyone on the path can answer a cleartext request; with nothing to compare
+            # with, a page that loaded may be a blockpage no fingerprint knows. (A control
+            # target is judged for connectivity only: it says whether the network works.)
+            j.why(
+                "cleartext_unverified",
+                f"the page loaded over plain HTTP (status {last.status}) but there is no "
+                "control view to compare it with: its content proves nothing",
+                status=last.status,
+                url=last.url,
+            )
+            return j.verdict(None, None, "low")
         return None
     # OONI web_connectivity's comparisons with the control's view.
     same_status = control.status == last.status
@@ -525,7 +808,20 @@ def _http(j: _Judge) -> Verdict | None:
         ours is not None and theirs is not None and _title_words(ours) == _title_words(theirs)
     )
     if same_status and (proportion > 0.7 or same_title):
+        j.content_matches = True
         return None
+    if j.inconsistent or j.foreign:
+        j.why(
+            "dns_inconsistent_then_differs",
+            f"the system resolver's answers {j.unlike()} and the page there differs from "
+            f"the control helper's (status {last.status} vs {control.status}, body length "
+            f"proportion {proportion:.2f}): another server answered",
+            control_answers=j.inconsistent,
+            status=last.status,
+            control_status=control.status,
+            proportion=round(proportion, 3),
+        )
+        return j.verdict(False, "dns", _stronger("medium", j.foreign))
     j.why(
         "http_differs",
         f"the page differs from the control helper's (status {last.status} vs {control.status}, "

@@ -27,14 +27,14 @@ import dns.exception
 import dns.name
 
 from probe.tomltable import TableReader
-from schema.model import TARGET_KINDS, Expectations, Service, Source, Target
+from schema.model import TARGET_KINDS, TARGET_ROLES, Expectations, Service, Source, Target
 
 FORMAT_VERSION = 1
 
 _SERVICE_KEYS = {"name", "title", "notes", "source", "control"}
 _TARGET_KEYS = {
     "id", "kind", "host", "ports", "url", "method", "body", "addresses", "sni",
-    "expect", "source", "control", "ca_file",
+    "expect", "source", "control", "ca_file", "role",
 }  # fmt: skip
 _EXPECT_KEYS = {"asns", "cert_names", "status"}
 _SOURCE_KEYS = {"url", "checked"}
@@ -192,6 +192,9 @@ def _target(
             cert_names=tuple(expect.items("cert_names", str)),
             status=tuple(statuses),
         )
+    role = c.text("role", default="essential")
+    if role not in TARGET_ROLES:
+        raise c.fail("role", f"{role!r} is not one of {', '.join(TARGET_ROLES)}")
     ca_file = c.text("ca_file")
     if ca_file:
         path = Path(ca_file)
@@ -216,6 +219,7 @@ def _target(
         source=read_source(c, "source", inherited),
         control=bool(c.get("control", bool, control)),
         ca_file=ca_file,
+        role="diagnostic" if role == "diagnostic" else "essential",
     )
 
 

@@ -60,6 +60,11 @@ async def _endpoint(
     ``purpose = "control_sni"``.
     """
     conn, stream = await tcp.connect(ip, port, ctx, trace, m.tcp_connect)
+    if conn.failure == "generic_timeout_error":
+        # Every SYN of the attempt was lost. Once more, as a second observation: on a
+        # lossy link a second run of SYNs gets through, while a censor drops it too
+        # (two timeouts in a row are what the verdict can call a drop).
+        conn, stream = await tcp.connect(ip, port, ctx, trace, m.tcp_connect)
     number = conn.connection or 0
     if stream is None:
         return False, None

@@ -1,4 +1,5 @@
-"""TCP connect: one observation per address and port, each with its own timeout."""
+"""TCP connect: one observation per attempt at an address and port, each with its own
+timeout (a connect that timed out is tried once more: see ``probe.engine.measure``)."""
 
 from __future__ import annotations
 

@@ -142,7 +142,7 @@ def _keys(doc: Doc) -> tuple[str, ...]:
 _QUERY = _keys(wire.query_to_wire(DNSQuery("h", "A", "udp", "r", 0.0, 0.0)))
 #: One value key per answer (``ipv4``, ``ipv6``, ``hostname`` or ``value``), as
 #: ``schema.wire.query_to_wire`` writes them.
-_ANSWER = ("answer_type", "ipv4", "ipv6", "hostname", "value", "ttl")
+_ANSWER = ("answer_type", "ipv4", "ipv6", "hostname", "value", "asn", "as_org_name", "ttl")
 _TCP = _keys(wire.tcp_to_wire(TCPConnect("1.1.1.1", 1, 0.0, 0.0)))
 _TCP_STATUS = _keys(wire.tcp_to_wire(TCPConnect("1.1.1.1", 1, 0.0, 0.0))["status"])
 _TLS = _keys(wire.tls_to_wire(TLSHandshake("1.1.1.1", 1, "h", 0.0, 0.0)))

@@ -171,7 +171,9 @@ def _answer(a: Doc, asn_of: Callable[[str], tuple[int, str]]) -> Doc:
         if a.get(key) is not None:
             out[key] = a[key]
     address = a.get("ipv4") or a.get("ipv6")
-    if address:
+    if isinstance(a.get("asn"), int) and a["asn"] > 0:  # recorded when the answer came in
+        out["asn"], out["as_org_name"] = a["asn"], a.get("as_org_name") or ""
+    elif address:
         out["asn"], out["as_org_name"] = asn_of(address)
     out["ttl"] = a.get("ttl")
     return out

@@ -127,6 +127,87 @@ def make_plan(scenario: Scenario) -> LabPlan:
     return LabPlan(lab_services, sites, zone, remapped, names)
 
 
+#: The lab's networks (documentation ASNs, RFC 5398, and private-use ones, RFC 6996)
+#: for what is not a catalog service: the ISP that censors, the public resolver, and
+#: one network per scenario site or forged address (each an unrelated company).
+ISP_ASN = (64496, "Lab ISP (the censor's own network)")
+RESOLVER_ASN = (64497, "Lab public resolver")
+CONTROL_ASN = (64498, "Lab control helper")
+SITE_ASN_BASE = 4_200_000_000
+#: Catalog services that name no network of their own get one of these.
+SERVICE_ASN_BASE = 4_200_100_000
+
+
+def asn_networks(plan: LabPlan, scenario: Scenario) -> dict[str, tuple[int, str]]:
+    """What the lab's ASN database says of each lab address (pure).
+
+    Each catalog host and fixed address stands for its service and gets the service's
+    real network from the catalog (``expect.asns``, the first one); a service that names
+    none gets a network of its own. Scenario sites and the addresses a rule forges get
+    unrelated networks, one each; the blockpage server is the ISP's. So the probe's
+    ASN checks run in the lab as they would outside, with nothing lab-specific in them.
+    """
+    service_of: dict[str, tuple[int, str]] = {}
+    own = 0
+    for service in plan.services:
+        if service.name == SCENARIO_SERVICE:
+            continue
+        asns = next((t.expect.asns for t in service.targets if t.expect.asns), ())
+        if asns:
+            network = (asns[0], f"{service.title} (as the catalog says)")
+        else:
+            own += 1
+            network = (SERVICE_ASN_BASE + own, f"{service.title} (lab network)")
+        for t in service.targets:
+            service_of[t.host.lower()] = network
+            for a in t.addresses:
+                service_of[a] = network
+    out: dict[str, tuple[int, str]] = {
+        A.BLOCKPAGE: ISP_ASN,
+        A.ROUTER_WAN: ISP_ASN,
+        A.PUBLIC_RESOLVER: RESOLVER_ASN,
+        A.AUTHORITATIVE: RESOLVER_ASN,
+        A.CONTROL_HELPER: CONTROL_ASN,
+    }
+    sites = 0
+    for name, address in sorted(plan.names.items(), key=lambda kv: ipaddress.ip_address(kv[1])):
+        if name in service_of:
+            out[address] = service_of[name]
+        elif address not in out:
+            sites += 1
+            out[address] = (SITE_ASN_BASE + sites, f"Lab site {name}")
+    for address in plan.remapped.values():  # the lab's copy of the catalog names them
+        if address in service_of:
+            out[address] = service_of[address]
+    for rule in scenario.rules:
+        for address in rule.addresses:
+            ip = ipaddress.ip_address(address)
+            if ip.is_private and ip not in A.LAB_RANGE:
+                continue  # a bogon: no network announces it
+            if address not in out:
+                sites += 1
+                out[address] = (SITE_ASN_BASE + sites, f"Lab unrelated server {address}")
+    return out
+
+
+def write_asn_database(networks: dict[str, tuple[int, str]], path: Path) -> Path:
+    """The lab's ASN database (DB-IP lite's format) with one /32 per address."""
+    try:
+        from mmdb_writer import MMDBWriter
+        from netaddr import IPSet
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise RuntimeError("the lab needs mmdb-writer: pip install 'vantage-probe[lab]'") from exc
+    writer = MMDBWriter(ip_version=6, database_type="DBIP-ASN-Lite", ipv4_compatible=True)
+    for address, (asn, org) in sorted(networks.items()):
+        writer.insert_network(
+            IPSet([f"{address}/32"]),
+            {"autonomous_system_number": asn, "autonomous_system_organization": org},
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer.to_db_file(str(path))
+    return path
+
+
 def catalog_toml(service: Service) -> str:
     """The lab's copy of one service, in the catalog format a user writes."""
     targets = []
@@ -144,6 +225,8 @@ def catalog_toml(service: Service) -> str:
             item["addresses"] = list(t.addresses)
         if t.control:
             item["control"] = True
+        if t.role != "essential":
+            item["role"] = t.role
         item["expect"] = dict(doc["expect"])
         if doc["source"] is not None:
             item["source"] = dict(doc["source"])
@@ -229,5 +312,5 @@ def site_addresses(plan: LabPlan) -> list[str]:
     return sorted(plan.sites, key=ipaddress.ip_address)
 
 
-__all__ = ["LabPlan", "SitePlan", "catalog_toml", "internet_config", "make_plan",
-           "site_addresses", "write_certificates"]  # fmt: skip
+__all__ = ["LabPlan", "SitePlan", "asn_networks", "catalog_toml", "internet_config", "make_plan",
+           "site_addresses", "write_asn_database", "write_certificates"]  # fmt: skip

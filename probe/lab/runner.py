@@ -35,10 +35,12 @@ from probe.lab.netns import (
 )
 from probe.lab.plan import (
     LabPlan,
+    asn_networks,
     catalog_toml,
     internet_config,
     make_plan,
     site_addresses,
+    write_asn_database,
     write_certificates,
 )
 from probe.lab.scenario import Expectation, Scenario
@@ -74,6 +76,7 @@ class ExpectationResult:
             "body_contains",
             "blocking",
             "accessible",
+            "reason",
         ):
             if getattr(e, key) is not None:
                 expected[key] = getattr(e, key)
@@ -134,7 +137,7 @@ def evaluate(
             observed: dict[str, Any] = {"service_status": status.status, "why": status.explanation}
             results.append(ExpectationResult(e, f"{e.service}/*", observed,
                                              status.status in e.service_status))  # fmt: skip
-            if e.step is None and e.blocking is None and e.accessible is None:
+            if e.step is None and e.blocking is None and e.accessible is None and not e.reason:
                 continue
         chosen = [m for m in measurements if m.target.service == e.service
                   and (e.target is None or m.target.id == e.target)]  # fmt: skip
@@ -171,6 +174,9 @@ def evaluate(
             if e.accessible is not None:
                 observed["accessible"] = _verdict_text(v.accessible if v else None)
                 ok = ok and observed["accessible"] == e.accessible
+            if e.reason is not None:
+                observed["reasons"] = [r.code for r in v.reasons] if v else []
+                ok = ok and e.reason in observed["reasons"]
             if (e.blocking is not None or e.accessible is not None) and v is not None:
                 observed["confidence"] = v.confidence
                 observed["why"] = v.explanation
@@ -218,14 +224,20 @@ def router_config(s: Scenario, plan: LabPlan, ready: Path) -> dict[str, Any]:
     }
 
 
-def _probe_config(s: Scenario, ca: Path) -> str:
+def _probe_config(s: Scenario, ca: Path, asn_db: Path | None = None) -> str:
     sections: dict[str, dict[str, Any]] = {k: dict(v) for k, v in LAB_PROBE_DEFAULTS.items()}
     sections["engine"]["public_ranges"] = [str(A.LAB_RANGE)]
     sections["engine"]["ca_bundle"] = [str(ca)]
+    if asn_db is not None:  # a scenario may still set [probe.vantage] asn_db = "" (none)
+        sections.setdefault("vantage", {})["asn_db"] = str(asn_db)
     for section, values in s.probe_config.items():
         if not isinstance(values, dict):
             raise LabError(f"{s.origin}: probe.{section}: expected a table of probe settings")
         sections.setdefault(section, {}).update(values)
+    files = sections.get("analysis", {}).get("fingerprints")
+    if isinstance(files, list):  # a scenario names extra fingerprint files beside itself
+        here = Path(s.origin).parent
+        sections["analysis"]["fingerprints"] = [str(here / f) for f in files]
     return "".join(to_toml({name: values}) for name, values in sections.items())
 
 
@@ -353,7 +365,8 @@ def probe_command(topo: Topology, plan: LabPlan, s: Scenario, ca: Path, workdir:
     """The ``vantage run`` the lab runs inside the probe's namespace."""
     args = ["ip", "netns", "exec", topo.probe, sys.executable, "-m", "probe"]
     config = workdir / "probe.toml"
-    config.write_text(_probe_config(s, ca))
+    asn_db = write_asn_database(asn_networks(plan, s), workdir / "lab-asn.mmdb")
+    config.write_text(_probe_config(s, ca, asn_db))
     args += [
         "--config",
         str(config),

@@ -83,6 +83,8 @@ class Expectation:
     blocking: str | None = None
     accessible: str | None = None
     service_status: tuple[str, ...] = ()
+    #: A reason code the verdict must give (``Verdict.reasons[].code``): which rule decided.
+    reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -185,7 +187,10 @@ def _expectation(t: TableReader) -> Expectation:
             raise t.fail(
                 f"service_status[{i}]", f"{st!r} is not one of {', '.join(SERVICE_STATUSES)}"
             )
-    if failure is None and blocking is None and accessible is None and not statuses:
+    reason = t.get("reason", str)
+    if reason is not None and not reason.replace("_", "").isalnum():
+        raise t.fail("reason", f"{reason!r} is not a reason code (letters, digits and _)")
+    if failure is None and blocking is None and accessible is None and not statuses and not reason:
         raise t.fail("failure", "an expectation needs a step and failure, a verdict "
                      "(blocking, accessible) or a service_status")  # fmt: skip
     return Expectation(
@@ -201,6 +206,7 @@ def _expectation(t: TableReader) -> Expectation:
         blocking=blocking,
         accessible=accessible,
         service_status=statuses,
+        reason=reason,
     )
 
 
@@ -242,7 +248,8 @@ def parse_scenario(text: str, origin: str) -> Scenario:
         except CatalogError as exc:
             raise ScenarioError(str(exc)) from exc
     expect_keys = {"service", "target", "step", "failure", "operation", "status", "body_contains",
-                   "answers", "resolver", "blocking", "accessible", "service_status"}  # fmt: skip
+                   "answers", "resolver", "blocking", "accessible", "service_status",
+                   "reason"}  # fmt: skip
     expectations = tuple(_expectation(t) for t in tables("expect", expect_keys))
     if not expectations:
         raise ScenarioError(f"{origin}: expect: a scenario needs at least one [[expect]]")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
+from pathlib import Path
 
 import pytest
 
@@ -57,7 +58,6 @@ NORMAL_HEADERS: Headers = [
 
 # What each shipped HTTP fingerprint must recognise: (status, headers, body).
 HTTP_SAMPLES: dict[str, tuple[int, Headers, bytes]] = {
-    "fp-vantage-lab-challenge": (503, [("Server", "vantage-lab/1")], LAB_CHALLENGE),
     "fp-cloudflare-challenge-header": (
         403,
         [("Server", "cloudflare"), ("cf-mitigated", "challenge")],
@@ -66,7 +66,6 @@ HTTP_SAMPLES: dict[str, tuple[int, Headers, bytes]] = {
     "fp-cloudflare-challenge-title": (503, [("Server", "cloudflare")], CLOUDFLARE_CHALLENGE),
     "fp-akamai-edge-server": (403, [("Server", "AkamaiGHost")], AKAMAI_DENIED),
     "fp-akamai-error-reference-link": (403, [("Server", "edge")], AKAMAI_DENIED_NEW),
-    "lab-blockpage": (200, [("Server", "Protected by WireFilter")], LAB_BLOCKPAGE),
     "header-id-internet-positif": (
         302,
         [("Location", "http://internet-positif.org/?site=example.com")],
@@ -84,7 +83,12 @@ DNS_SAMPLES = {
     "dns-ir-10.10.34.36": "10.10.34.36",
     "dns-tr-195.175.254.2": "195.175.254.2",
     "dns-ru-193.58.251.1": "193.58.251.1",
-    "dns-lab-blockpage": "198.19.0.80",
+}
+#: The lab's own pages and address: probe/lab/fingerprints.toml, not the shipped database.
+LAB_FILE = Path(__file__).resolve().parents[2] / "probe" / "lab" / "fingerprints.toml"
+LAB_SAMPLES: dict[str, tuple[int, Headers, bytes]] = {
+    "fp-vantage-lab-challenge": (503, [("Server", "vantage-lab/1")], LAB_CHALLENGE),
+    "lab-blockpage": (200, [("Server", "Protected by WireFilter")], LAB_BLOCKPAGE),
 }
 REQUIRED = {
     "dns-ir-10.10.34.34": ("dns", "national", "IR"),
@@ -94,10 +98,8 @@ REQUIRED = {
     "dns-ru-193.58.251.1": ("dns", "national", "RU"),
     "header-wirefilter": ("header", "product", "ZZ"),
     "header-id-internet-positif": ("header", "national", "ID"),
-    "lab-blockpage": ("body", "lab", "ZZ"),
     "fp-cloudflare-challenge-header": ("header", "false-positive", "ZZ"),
     "fp-cloudflare-challenge-title": ("title", "false-positive", "ZZ"),
-    "fp-vantage-lab-challenge": ("body", "false-positive", "ZZ"),
     "fp-akamai-edge-server": ("header", "false-positive", "ZZ"),
 }
 
@@ -105,6 +107,12 @@ REQUIRED = {
 @pytest.fixture(scope="module")
 def db() -> FingerprintDB:
     return FingerprintDB.builtin()
+
+
+@pytest.fixture(scope="module")
+def lab_db() -> FingerprintDB:
+    """The shipped database plus the lab's own file, as a scenario that names it loads."""
+    return FingerprintDB.with_files([str(LAB_FILE)])
 
 
 def entry(**fields: str) -> str:
@@ -224,21 +232,45 @@ def test_false_positives_are_checked_first_wherever_they_are_in_the_file() -> No
     assert getattr(db.match_http(200, [], b"censored"), "id", None) == "block"
 
 
-def test_the_lab_blockpage_needs_its_sentence_not_just_its_title(db: FingerprintDB) -> None:
+def test_the_lab_blockpage_needs_its_sentence_not_just_its_title(lab_db: FingerprintDB) -> None:
     titled = b"<html><head><title>Access denied</title></head><body>Sign in first.</body></html>"
-    assert db.match_http(403, [("Server", "nginx")], titled) is None
+    assert lab_db.match_http(403, [("Server", "nginx")], titled) is None
     wrapped = b"<p>This site has been blocked by\n   order of the\tauthorities</p>"
-    assert getattr(db.match_http(200, [], wrapped), "id", None) == "lab-blockpage"
+    assert getattr(lab_db.match_http(200, [], wrapped), "id", None) == "lab-blockpage"
 
 
-def test_the_labs_own_pages_are_recognised(db: FingerprintDB) -> None:
+def test_the_shipped_database_holds_nothing_of_the_lab(db: FingerprintDB) -> None:
+    """Issue 11: real-world fingerprints only; the lab's pages pass through them."""
+    assert not [fp.id for fp in db.fingerprints if fp.scope == "lab" or "lab" in fp.source.url]
+    assert db.match_dns("198.19.0.80") is None
     from probe.lab.internet import CHALLENGE_PAGE
     from probe.lab.servers import BLOCK_PAGE, BLOCK_SERVER_HEADER
 
+    # The lab imitates real products; the real products' entries recognise it.
     blockpage = db.match_http(200, [("Server", BLOCK_SERVER_HEADER)], BLOCK_PAGE)
-    assert blockpage is not None and blockpage.id == "lab-blockpage"
+    assert blockpage is not None and blockpage.id == "header-wirefilter"
     challenge = db.match_http(503, [("Server", "vantage-lab/1")], CHALLENGE_PAGE)
-    assert challenge is not None and challenge.false_positive
+    assert challenge is not None and challenge.id == "fp-cloudflare-challenge-title"
+
+
+@pytest.mark.parametrize("fid", sorted(LAB_SAMPLES))
+def test_a_named_file_adds_its_entries_first(lab_db: FingerprintDB, fid: str) -> None:
+    status, headers, body = LAB_SAMPLES[fid]
+    fp = lab_db.match_http(status, headers, body)
+    assert fp is not None and fp.id == fid
+    address = lab_db.match_dns("198.19.0.80")
+    assert address is not None and address.id == "dns-lab-blockpage"
+    assert len(lab_db) == len(FingerprintDB.builtin()) + 3
+
+
+def test_a_named_file_may_not_redefine_an_id(tmp_path: Path) -> None:
+    twice = tmp_path / "twice.toml"
+    twice.write_text(document(entry(id='"header-wirefilter"')))
+    with pytest.raises(FingerprintError, match="header-wirefilter"):
+        FingerprintDB.with_files([str(twice)])
+    with pytest.raises(FingerprintError, match="cannot read"):
+        FingerprintDB.with_files([str(tmp_path / "missing.toml")])
+    assert FingerprintDB.with_files([]) is FingerprintDB.builtin()
 
 
 # ------------------------------------------------------------------ normal pages
@@ -265,7 +297,8 @@ def test_normal_pages_match_nothing(
 # --------------------------------------------------------------- hostile input
 
 
-def test_a_huge_body_is_cut_at_the_limit_quickly(db: FingerprintDB) -> None:
+def test_a_huge_body_is_cut_at_the_limit_quickly(lab_db: FingerprintDB) -> None:
+    db = lab_db  # its body entry is the phrase below
     phrase = b"blocked by order of the authorities"
     start = time.perf_counter()
     late = db.match_http(200, [], b"x" * BODY_LIMIT + phrase + b"y" * (10 << 20))
@@ -277,13 +310,13 @@ def test_a_huge_body_is_cut_at_the_limit_quickly(db: FingerprintDB) -> None:
     assert titles is None
 
 
-def test_binary_garbage_is_decoded_leniently(db: FingerprintDB) -> None:
+def test_binary_garbage_is_decoded_leniently(db: FingerprintDB, lab_db: FingerprintDB) -> None:
     garbage = bytes(range(256)) * 4096 + b"\xff\xfe\x00<title>\xc3\x28Just a moment...</title>"
     assert db.match_http(200, [("Server", "\x00\xff")], garbage) is None
     assert title_of(garbage) is None  # the title is beyond the limit
     broken = b"\xff\xfe<TITLE>\xc3Just a moment...</TITLE>\x00\x01\x02"
     assert title_of(broken) == "\ufffdJust a moment..."
-    fp = db.match_http(200, [], b"\x80\x81blocked by order of the authorities\xfe")
+    fp = lab_db.match_http(200, [], b"\x80\x81blocked by order of the authorities\xfe")
     assert fp is not None and fp.id == "lab-blockpage"
 
 

@@ -156,3 +156,57 @@ def test_evaluate_answers_status_and_body() -> None:
     page.body = b"welcome"
     assert [r.match for r in evaluate(s.expectations, [_m("chat", queries=[q], requests=[page])])] == [
         True, False]  # fmt: skip
+
+
+def test_the_labs_asn_database_places_each_address_in_what_it_stands_for() -> None:
+    """Catalog hosts in their service's network from the catalog, fixed addresses too;
+    scenario sites, forged addresses and the blockpage server in other networks; bogons
+    in none (issue 11)."""
+    from probe.lab.plan import ISP_ASN, asn_networks
+
+    s = parse_scenario(
+        """
+name = "asn"
+services = ["whatsapp", "telegram", "signal"]
+[[site]]
+name = "unrelated.example"
+[[rule]]
+kind = "dns"
+match = ["web.whatsapp.com"]
+action = "answer"
+addresses = ["198.19.9.9", "10.10.34.34"]
+[[expect]]
+service = "whatsapp"
+blocking = "dns"
+""",
+        "asn.toml",
+    )
+    plan = make_plan(s)
+    networks = asn_networks(plan, s)
+    assert networks[plan.names["e1.whatsapp.net"]][0] == 32934
+    assert networks[plan.names["web.whatsapp.com"]][0] == 32934
+    assert networks[plan.remapped["149.154.175.50"]][0] == 62041  # Telegram's, remapped
+    signal = {networks[plan.names[h]] for h in ("chat.signal.org", "uptime.signal.org")}
+    assert len(signal) == 1 and next(iter(signal))[0] not in (32934, 62041)  # one of its own
+    site, forged = networks[plan.names["unrelated.example"]], networks["198.19.9.9"]
+    assert len({site[0], forged[0], 32934, 62041, next(iter(signal))[0]}) == 5
+    assert networks[A.BLOCKPAGE] == ISP_ASN
+    assert "10.10.34.34" not in networks
+
+
+def test_a_scenario_may_expect_the_deciding_reason_and_name_fingerprint_files() -> None:
+    from pathlib import Path
+
+    from probe.lab.runner import _probe_config
+
+    text = GOOD.replace('failure = "connection_reset"', 'failure = "connection_reset"\n'
+                        'reason = "sni_filtering"') + (
+        '[probe.analysis]\nfingerprints = ["../fingerprints.toml"]\n'
+    )  # fmt: skip
+    s = parse_scenario(text, str(Path("/somewhere/scenarios/x.toml")))
+    assert s.expectations[0].reason == "sni_filtering"
+    config = _probe_config(s, Path("/ca.pem"), Path("/lab-asn.mmdb"))
+    assert 'fingerprints = ["/somewhere/scenarios/../fingerprints.toml"]' in config
+    assert 'asn_db = "/lab-asn.mmdb"' in config
+    with pytest.raises(ScenarioError, match="reason"):
+        parse_scenario(GOOD.replace('step = "tls"', 'reason = "no such!"\nstep = "tls"'), "x")

@@ -38,6 +38,10 @@ def test_builtin_catalog_covers_the_messaging_services() -> None:
         "http://95.161.76.100/",
     }
     assert all(t.control for t in services["controls"].targets)
+    # Diagnostic targets (issue 11): they explain, they do not decide the service.
+    diagnostic = {(s.name, t.id) for s in services.values() for t in s.targets
+                  if t.role == "diagnostic"}  # fmt: skip
+    assert diagnostic == {("signal", "uptime"), ("facebook_messenger", "stun")}
     for s in services.values():
         for t in s.targets:
             assert t.source is not None and t.source.checked.year >= 2026, (s.name, t.id)
@@ -85,6 +89,8 @@ def test_user_catalog_is_added(tmp_path: Path) -> None:
         (lambda s: s.replace("[service]", "[service]\ncontrol = 1"), "service.control",
          "expected true or false"),
         (lambda s: s + "\n[[target]\n", "", "not valid TOML"),
+        (lambda s: s.replace('id = "site"', 'id = "site"\nrole = "optional"'), "target[0].role",
+         "not one of essential, diagnostic"),
     ],
 )  # fmt: skip
 def test_malformed_catalog_names_file_key_and_reason(edit, key: str, reason: str) -> None:
@@ -117,3 +123,10 @@ def test_ca_file_is_resolved_next_to_the_catalog(tmp_path: Path, ca_file: str) -
     (tmp_path / "d.toml").write_text(text.replace("root.pem", "none.pem"))
     with pytest.raises(CatalogError, match="no such file"):
         load_file(tmp_path / "d.toml")
+
+
+def test_the_example_catalog_loads_with_every_key_it_documents() -> None:
+    root = Path(__file__).resolve().parents[2]
+    service = load_file(root / "deploy" / "targets.example.toml")
+    roles = {t.id: t.role for t in service.targets}
+    assert roles["name"] == "diagnostic" and roles["home"] == "essential"

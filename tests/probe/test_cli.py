@@ -150,3 +150,48 @@ def test_version_and_help_load_nothing_heavy() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=ROOT, timeout=60)  # fmt: skip
     assert proc.stderr.strip() == "", proc.stderr
+
+
+def test_run_records_each_answers_network_and_judges_by_it(
+    tmp_path: Path, web: WebServer, ca_file: str
+) -> None:
+    """Issue 11: with vantage.asn_db every answer carries its AS; an answer that works
+    but lies outside the catalog's network is a forged one. Without the database the
+    verdict says what it could not check."""
+    from tests.fixtures.mmdb import write_asn_db
+
+    db = write_asn_db(tmp_path / "asn.mmdb", {"127.0.0.0/8": (64511, "Loopback Net")})
+    catalog = tmp_path / "c.toml"
+    catalog.write_text(f"""
+format = 1
+[service]
+name = "lab"
+[[target]]
+id = "endpoint"
+kind = "tcp"
+host = "{VALID}"
+ports = [{web.port}]
+expect = {{ asns = [64500] }}
+""")
+    config = tmp_path / "v.toml"
+    config.write_text(f'[vantage]\nasn_db = "{db}"\n')
+    with DNSServer() as dns:
+        dns.set(VALID, a=["127.0.0.1"])
+        placed = vantage("--config", str(config), *_run_args(tmp_path, dns, catalog, ca_file),
+                         "--json")  # fmt: skip
+        (tmp_path / "d").rename(tmp_path / "d-placed")
+        unplaced = vantage(*_run_args(tmp_path, dns, catalog, ca_file), "--json")
+    assert placed.returncode == 0, placed.stderr
+    doc = json.loads(placed.stdout.splitlines()[0])
+    (query,) = [q for q in doc["test_keys"]["queries"] if q["answers"]]
+    assert query["answers"][0]["asn"] == 64511
+    assert query["answers"][0]["as_org_name"] == "Loopback Net"
+    keys = doc["test_keys"]
+    assert (keys["accessible"], keys["blocking"]) == (False, "dns")
+    assert "dns_foreign_network" in [r["code"] for r in keys["analysis"]["reasons"]]
+    assert unplaced.returncode == 0, unplaced.stderr
+    doc = json.loads(unplaced.stdout.splitlines()[0])
+    assert all("asn" not in a for q in doc["test_keys"]["queries"] for a in q["answers"])
+    keys = doc["test_keys"]
+    assert keys["blocking"] is False
+    assert "no_asn_database" in [r["code"] for r in keys["analysis"]["reasons"]]

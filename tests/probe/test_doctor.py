@@ -288,7 +288,11 @@ def mmdb(tmp_path) -> tuple[str, str]:
 
 
 def test_mmdb(tmp_path, mmdb) -> None:
-    assert doctor.check_mmdb(make_cfg(tmp_path), inputs(tmp_path)).status == SKIP
+    none = doctor.check_mmdb(make_cfg(tmp_path), inputs(tmp_path))
+    assert none.status == SKIP and "forged answer" in none.detail  # what it costs
+    country_only = doctor.check_mmdb(make_cfg(tmp_path, vantage__country_db=mmdb[1]),
+                                     inputs(tmp_path))  # fmt: skip
+    assert country_only.status == WARN and "no ASN database" in country_only.detail
     good = make_cfg(tmp_path, vantage__asn_db=mmdb[0], vantage__country_db=mmdb[1])
     c = doctor.check_mmdb(good, inputs(tmp_path))
     assert c.status == OK and "DBIP-ASN-Lite" in c.detail

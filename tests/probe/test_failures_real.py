@@ -140,9 +140,12 @@ def test_connection_refused(ctx: EngineContext) -> None:
 def test_connect_timeout(ctx: EngineContext) -> None:
     with TCPServer("blackhole") as hole:
         m = run_measure(_tcp_target(hole.port, "127.0.0.1"), ctx)
-    (c,) = m.tcp_connect
-    assert c.failure == "generic_timeout_error"
-    assert c.t - c.t0 >= ctx.timeouts.tcp * 0.9
+    # A timed-out connect is tried once more (a lost run of SYNs rarely repeats).
+    first, again = m.tcp_connect
+    for c in (first, again):
+        assert (c.ip, c.port, c.failure) == ("127.0.0.1", hole.port, "generic_timeout_error")
+        assert c.t - c.t0 >= ctx.timeouts.tcp * 0.9
+    assert again.t0 >= first.t
 
 
 # -- TLS ------------------------------------------------------------------------

@@ -53,6 +53,7 @@ def rich_measurement() -> Measurement:
         sni="example.test",
         expect=Expectations(asns=(64500,), cert_names=("example.test",), status=(200,)),
         source=Source("https://example.test/about", dt.date(2024, 4, 2)),
+        role="diagnostic",
     )
     vantage = VantagePoint(
         probe_id="probe-7",
@@ -78,7 +79,7 @@ def rich_measurement() -> Measurement:
             rcode="NOERROR",
             answers=[
                 DNSAnswer("CNAME", "example.test.", 300),
-                DNSAnswer("A", "192.0.2.10", 60),
+                DNSAnswer("A", "192.0.2.10", 60, 64500, "Example Net"),
                 DNSAnswer("TXT", '"v=spf1 -all"', 60),
             ],
             raw_response=b"\x12\x34\x81\x80\x00\x01\x00\x02",
@@ -344,7 +345,12 @@ def test_fixtures_exercise_every_branch() -> None:
         "ipv4",
         "hostname",
         "value",
+        "asn",
+        "as_org_name",
     }
+    assert doc["test_keys"]["queries"][0]["answers"][1]["asn"] == 64500
+    assert "asn" not in doc["test_keys"]["queries"][0]["answers"][0]  # not an address
+    assert doc["target"]["role"] == "diagnostic"
     # Newest hop first: the binary final response, then the text redirect.
     final, redirect = keys["requests"]
     assert final["response"]["body"]["format"] == "base64"
