@@ -123,6 +123,12 @@ def create_app(settings: CollectorSettings, engine: sa.Engine | None = None) -> 
     app.state.ingest_slots = asyncio.Semaphore(settings.ingest_slots)
     app.state.upload_limits = RateLimiter(settings.upload_rate, settings.upload_burst)
     app.state.address_limits = RateLimiter(settings.address_rate, settings.address_burst)
+    app.state.ingest_address_limits = RateLimiter(
+        settings.ingest_address_rate, settings.ingest_address_burst
+    )
+    app.state.uploads_in_flight = ingest.InFlight(
+        settings.uploads_per_probe, settings.bodies_in_flight
+    )
     app.state.control_helper = None
 
     @app.exception_handler(StarletteHTTPException)

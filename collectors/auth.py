@@ -36,7 +36,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
-from collectors.ratelimit import retry_after
+from collectors.ratelimit import address_key, retry_after
 from schema import tables
 
 log = logging.getLogger("vantage.collector.auth")
@@ -303,7 +303,7 @@ async def enroll_endpoint(request: Request) -> JSONResponse:
         )
     except (AddressError, ValueError) as exc:
         return JSONResponse({"error": str(exc)}, status_code=400)
-    wait = state.address_limits.take(ip)
+    wait = state.address_limits.take(address_key(ip))
     if wait > 0:
         return JSONResponse(
             {"error": "too many requests from this address; try again later"},

@@ -417,12 +417,16 @@ def test_the_fast_validator_agrees_with_the_json_schema() -> None:
     assert disagreements == []
 
 
-def test_the_same_batch_sent_twice_at_once_is_stored_once(collector: Collector, probe) -> None:
+def test_the_same_batch_sent_twice_at_once_is_stored_once(make_collector) -> None:
     """Two uploads race for the same new run, vantage point and measurements: the
-    loser's transaction rolls back and is done again, seeing the winner's rows."""
+    loser's transaction rolls back and is done again, seeing the winner's rows. (Four
+    at once from one probe are allowed here: by default a probe has at most two bodies
+    in flight, and tokens for one batch at a time.)"""
     import threading
 
-    probe_id, cred = probe
+    collector = make_collector(uploads_per_probe=4, upload_burst=4 * 1001)
+    probe_id = new_id()
+    cred = collector.enroll(probe_id)
     run = new_id()
     docs = [doc(probe_id, run, i) for i in range(50)]
     answers: list[httpx.Response] = []

@@ -1,0 +1,200 @@
+"""The collector under attack (issue 18): each test reproduces one attack over loopback,
+bounded in count, and checks the defence holds for the whole kind of attack.
+
+Nothing here measures time: a limit that must hold is made deterministic by rates so
+slow that no token comes back while a test runs, and waiting for the server to reach
+a state polls that state (a generous deadline only bounds a broken run).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import socket
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+import pytest
+
+from collectors.ingest import MAX_GZIP_MEMBERS, IngestError, decode_body
+from tests.collectors.conftest import Collector
+from tests.collectors.samples import doc
+
+API = "/api/v1/measurements"
+#: So slow that no token is given back while a test runs.
+NO_REFILL = 1e-6
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+def body_of(items: list[Any]) -> bytes:
+    return json.dumps({"measurements": items}).encode()
+
+
+def post(c: Collector, cred: str | None, data: bytes, **headers: str) -> httpx.Response:
+    h = {"Content-Type": "application/json", **headers}
+    if cred is not None:
+        h["Authorization"] = f"Bearer {cred}"
+    return c.http.post(API, content=data, headers=h)
+
+
+def until(condition: Callable[[], bool], deadline: float = 20.0) -> None:
+    """Wait for ``condition`` (the server's state, not a duration)."""
+    end = time.monotonic() + deadline
+    while not condition():
+        if time.monotonic() > end:
+            raise AssertionError("the server never got there")
+        time.sleep(0.01)
+
+
+@contextmanager
+def held_upload(c: Collector, cred: str, length: int = 1000) -> Iterator[socket.socket]:
+    """An upload whose headers are sent and whose body never comes."""
+    host, port = c.url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    sock.sendall(
+        f"POST {API} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {cred}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n{{".encode()
+    )
+    try:
+        yield sock
+    finally:
+        sock.close()
+
+
+# -- 1. gzip members ------------------------------------------------------------------------
+
+
+def test_a_body_of_many_empty_gzip_members_is_refused_not_worked_through() -> None:
+    # The attack: 2 MiB of empty members (100,000 of them) took 6.8 s, quadratic.
+    body = gzip.compress(b"") * 100_000
+    with pytest.raises(IngestError) as exc:
+        decode_body(body, "gzip", 16 << 20)
+    assert exc.value.status == 400
+    assert f"more than {MAX_GZIP_MEMBERS} members" in str(exc.value)
+    # Up to the cap, members are one body, whatever is in them.
+    parts = [gzip.compress(b"x" * i) for i in range(MAX_GZIP_MEMBERS)]
+    assert decode_body(b"".join(parts), "gzip", 1 << 20) == b"".join(
+        b"x" * i for i in range(MAX_GZIP_MEMBERS)
+    )
+
+
+def test_one_member_larger_than_a_chunk_decodes_whole() -> None:
+    data = bytes(range(256)) * 40_000  # 10 MB, incompressible enough to span many chunks
+    assert decode_body(gzip.compress(data, 1), "gzip", 16 << 20) == data
+    # A second member that starts in the middle of a chunk.
+    two = gzip.compress(data[:70_001]) + gzip.compress(data[70_001:200_000])
+    assert decode_body(two, "gzip", 16 << 20) == data[:200_000]
+
+
+def test_the_member_attack_over_http_is_400_and_stores_nothing(make_collector) -> None:
+    c = make_collector()
+    probe_id = new_id()
+    cred = c.enroll(probe_id)
+    head = gzip.compress(body_of([doc(probe_id, new_id(), 0)]))
+    r = post(c, cred, head + gzip.compress(b"") * 50_000, **{"Content-Encoding": "gzip"})
+    assert r.status_code == 400, r.text
+    assert "members" in r.json()["error"]
+    assert c.count("measurements") == 0
+
+
+# -- 2. every request charged ---------------------------------------------------------------
+
+
+def test_made_up_credentials_are_charged_to_the_address(make_collector) -> None:
+    c = make_collector(ingest_address_rate=NO_REFILL, ingest_address_burst=30)
+    codes = [post(c, "vpc_made-up", b"{}").status_code for _ in range(10)]
+    # Each costs 1 + 10: three fit in the bucket of 30, then 429 without a lookup.
+    assert codes[:3] == [401, 401, 401]
+    assert set(codes[3:]) == {429}
+    r = post(c, "vpc_made-up", b"{}")
+    assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
+
+
+def test_failed_uploads_are_charged_to_the_probe(make_collector) -> None:
+    # A batch reserves 1 + max_items = 11; a refused body keeps it all.
+    c = make_collector(max_items=10, upload_rate=NO_REFILL, upload_burst=22)
+    probe_id = new_id()
+    cred = c.enroll(probe_id)
+    assert post(c, cred, b"{not json").status_code == 400
+    assert post(c, cred, b"x" * 10, **{"Content-Encoding": "gzip"}).status_code == 400
+    r = post(c, cred, body_of([doc(probe_id, new_id(), 0)]))
+    assert r.status_code == 429, r.text
+    assert c.count("measurements") == 0
+
+
+def test_a_good_batch_is_charged_what_it_held(make_collector) -> None:
+    c = make_collector(max_items=10, upload_rate=NO_REFILL, upload_burst=22)
+    probe_id = new_id()
+    cred = c.enroll(probe_id)
+    for _ in range(3):  # 3 x (1 + 2) = 9 of 22: a full batch's 11 still fit
+        r = post(c, cred, body_of([doc(probe_id, new_id(), i) for i in range(2)]))
+        assert r.status_code == 200, r.text
+    assert post(c, cred, body_of([doc(probe_id, new_id(), 0)])).status_code == 200
+    # 22 - 9 - 2 = 11 left: one more, then the bucket is below a batch.
+    assert post(c, cred, body_of([doc(probe_id, new_id(), 0)])).status_code == 200
+    assert post(c, cred, body_of([doc(probe_id, new_id(), 0)])).status_code == 429
+    assert c.count("measurements") == 8
+
+
+def test_concurrent_uploads_cannot_get_around_the_rate(make_collector) -> None:
+    # The attack: 40 concurrent full batches were all accepted. Tokens are reserved
+    # before a body is read, so at most burst / (1 + max_items) = 2 batches pass.
+    c = make_collector(
+        max_items=10, upload_rate=NO_REFILL, upload_burst=22, uploads_per_probe=100
+    )
+    probe_id = new_id()
+    cred = c.enroll(probe_id)
+    bodies = [body_of([doc(probe_id, new_id(), i) for i in range(10)]) for _ in range(12)]
+
+    async def all_at_once() -> list[int]:
+        h = {"Authorization": f"Bearer {cred}", "Content-Type": "application/json"}
+        async with httpx.AsyncClient(base_url=c.url, trust_env=False, timeout=60) as client:
+            answers = await asyncio.gather(*(client.post(API, content=b, headers=h) for b in bodies))
+        return [a.status_code for a in answers]
+
+    codes = asyncio.run(all_at_once())
+    assert codes.count(200) <= 2 and codes.count(200) >= 1
+    assert set(codes) <= {200, 429}
+    assert c.count("measurements") == 10 * codes.count(200)
+
+
+def test_bodies_in_flight_are_capped_per_probe(make_collector) -> None:
+    c = make_collector(uploads_per_probe=2, upload_burst=10_000)
+    probe_id = new_id()
+    cred = c.enroll(probe_id)
+    flight = c.app.state.uploads_in_flight
+    with held_upload(c, cred), held_upload(c, cred):
+        until(lambda: len(flight) == 2)
+        r = post(c, cred, body_of([doc(probe_id, new_id(), 0)]))
+        assert r.status_code == 429, r.text
+        assert "in flight" in r.json()["error"]
+        other = new_id()  # another probe is not held up
+        ok = post(c, c.enroll(other), body_of([doc(other, new_id(), 0)]))
+        assert ok.status_code == 200, ok.text
+    until(lambda: len(flight) == 0)
+    assert post(c, cred, body_of([doc(probe_id, new_id(), 0)])).status_code == 200
+
+
+def test_bodies_in_flight_are_capped_in_all(make_collector) -> None:
+    c = make_collector(bodies_in_flight=2)
+    creds = {}
+    for _ in range(3):
+        pid = new_id()
+        creds[pid] = c.enroll(pid)
+    (a, ca), (b, cb), (third, cc) = creds.items()
+    flight = c.app.state.uploads_in_flight
+    with held_upload(c, ca), held_upload(c, cb):
+        until(lambda: len(flight) == 2)
+        r = post(c, cc, body_of([doc(third, new_id(), 0)]))
+        assert r.status_code == 503, r.text
+        assert r.headers["Retry-After"]
+    until(lambda: len(flight) == 0)
+    assert post(c, cc, body_of([doc(third, new_id(), 0)])).status_code == 200
