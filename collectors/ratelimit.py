@@ -120,6 +120,24 @@ class RateLimiter:
         return len(self._buckets)
 
 
+class Slots:
+    """A count of things done at once, refused past ``size`` rather than queued (a
+    queue would hold the caller's connection). The event loop's thread only."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.busy = 0
+
+    def take(self) -> bool:
+        if self.busy >= self.size:
+            return False
+        self.busy += 1
+        return True
+
+    def give(self) -> None:
+        self.busy -= 1
+
+
 def address_key(address: str) -> str:
     """The bucket of a caller's address: the address itself for IPv4, its /64 for
     IPv6 (one subscriber holds a whole /64, and would otherwise get 2^64 buckets)."""

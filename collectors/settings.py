@@ -67,6 +67,12 @@ class CollectorSettings:
     #: Exports streamed at once, each on its own connection of a pool of this size
     #: apart from the ingest's (an export never takes an upload's connection); past it 503.
     export_slots: int = 2
+    #: Per caller address, public exports (the operator's are not limited).
+    export_address_rate: float = 0.05
+    export_address_burst: float = 3.0
+    #: The operator's token (collectors.access): it may export real probe ids and sees
+    #: them in the read API. Created, mode 0600, when absent. "": no operator over HTTP.
+    operator_token_file: str = ""
     #: Seconds an export may wait for its reader to take the next chunk before it is
     #: cut short and its connection given back (a reader that stops reading).
     export_stall_timeout: float = 30.0
@@ -140,7 +146,7 @@ class CollectorSettings:
         for name in (
             "upload_rate", "upload_burst", "address_rate", "address_burst",
             "ingest_address_rate", "ingest_address_burst", "export_stall_timeout",
-            "header_timeout", "body_timeout",
+            "header_timeout", "body_timeout", "export_address_rate", "export_address_burst",
         ):  # fmt: skip
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name}: must be positive, got {getattr(self, name)}")

@@ -198,3 +198,69 @@ def test_bodies_in_flight_are_capped_in_all(make_collector) -> None:
         assert r.headers["Retry-After"]
     until(lambda: len(flight) == 0)
     assert post(c, cc, body_of([doc(third, new_id(), 0)])).status_code == 200
+
+
+# -- 3. exports that are opened and not read -----------------------------------------------
+
+
+def stalled_export(c: Collector, query: str) -> socket.socket:
+    """An export asked for by a reader that never reads (a tiny receive window)."""
+    host, port = c.url.removeprefix("http://").split(":")
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(30)
+    sock.connect((host, int(port)))
+    sock.sendall(f"GET /api/v1/export?{query} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+    return sock
+
+
+def test_stalled_exports_never_take_the_uploads_connections(make_collector, tmp_path) -> None:
+    # The attack: nine exports opened and not read held the pool; uploads answered 503.
+    c = make_collector(
+        pool_size=2, export_slots=2, export_stall_timeout=2.0, export_address_burst=10,
+        pseudonym_key_file=str(tmp_path / "pseudonym.key"),
+    )  # fmt: skip
+    owner = new_id()
+    c.enroll(owner)
+    run = new_id()
+    c.app.state.ingestor.ingest(owner, [doc(owner, run, i) for i in range(1000)])  # ~10 MB
+    slots = c.app.state.export_slots
+    socks = [stalled_export(c, "format=jsonl") for _ in range(2)]
+    try:
+        until(lambda: slots.busy == 2)
+        r = c.http.get("/api/v1/export", params={"format": "jsonl"})
+        assert r.status_code == 503, r.text
+        assert "exports are streaming already" in r.json()["error"]
+        probe_id = new_id()
+        cred = c.enroll(probe_id)
+        for i in range(6):  # more than the ingest's pool holds: none waits for an export's
+            up = post(c, cred, body_of([doc(probe_id, new_id(), i)]))
+            assert up.status_code == 200, up.text
+            assert c.http.get("/api/v1/aggregates").status_code == 200
+        # The readers never read: they are cut off and the exports' connections come back.
+        until(lambda: slots.busy == 0)
+        until(lambda: c.app.state.export_engine.pool.checkedout() == 0)
+    finally:
+        for s in socks:
+            s.close()
+    assert c.http.get("/api/v1/export", params={"format": "csv"}).status_code == 200
+
+
+def test_exports_are_pseudonymised_for_the_public(make_collector, tmp_path) -> None:
+    token_file = tmp_path / "operator.token"
+    c = make_collector(
+        pseudonym_key_file=str(tmp_path / "pseudonym.key"), operator_token_file=str(token_file)
+    )
+    probe_id = new_id()
+    cred = c.enroll(probe_id)
+    assert post(c, cred, body_of([doc(probe_id, new_id(), 0)])).status_code == 200
+    public = c.http.get("/api/v1/export", params={"format": "jsonl"})
+    assert public.status_code == 200
+    assert probe_id not in public.text
+    refused = c.http.get("/api/v1/export", params={"format": "jsonl", "pseudonymize": "false"})
+    assert refused.status_code == 403
+    operator = {"Authorization": f"Bearer {token_file.read_text().strip()}"}
+    mine = c.http.get(
+        "/api/v1/export", params={"format": "jsonl", "pseudonymize": "false"}, headers=operator
+    )
+    assert mine.status_code == 200 and probe_id in mine.text
