@@ -34,6 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from collectors import access, auth, ingest, whoami
 from collectors.ratelimit import RateLimiter, Slots
+from collectors.server import ActiveRequests
 from collectors.settings import CollectorSettings
 from probe import __version__
 from probe.geoip import GeoIP
@@ -169,6 +170,9 @@ def create_app(settings: CollectorSettings, engine: sa.Engine | None = None) -> 
     async def health() -> dict[str, bool]:
         return {"ok": True}
 
+    # Only requests being handled count (idle and half-sent connections are the
+    # protocol's business: collectors.server).
+    app.add_middleware(ActiveRequests, limit=settings.max_active_requests)
     app.include_router(auth.router)
     app.include_router(ingest.router)
     app.include_router(whoami.router)

@@ -178,9 +178,6 @@ def _bare(host: str) -> str:
 # -- vantage collector ----------------------------------------------------------------
 
 DB_ENV = "VANTAGE_COLLECTOR_DB"
-#: Connections and requests served at once by one worker; beyond, uvicorn answers 503.
-#: Each may hold a body of up to 16 MiB while it is read.
-MAX_CONNECTIONS = 128
 
 
 def _db_arg(parser: argparse.ArgumentParser) -> None:
@@ -583,7 +580,8 @@ def _serve_workers(settings: Any, workers: int) -> int:
         server_header=False,
         timeout_keep_alive=30,
         timeout_graceful_shutdown=20,
-        limit_concurrency=MAX_CONNECTIONS,
+        limit_concurrency=None,  # the app counts requests; connections: collectors.server
+        http="collectors.server:EnvironmentProtocol",
         lifespan="on",
         log_config=None,
     )
@@ -607,6 +605,8 @@ def server_config(app: Any, settings: Any) -> Any:
     be in every line), X-Forwarded-For handled by the app for trusted proxies only."""
     import uvicorn
 
+    from collectors.server import protocol_for
+
     return uvicorn.Config(
         app,
         host=settings.host,
@@ -617,7 +617,10 @@ def server_config(app: Any, settings: Any) -> Any:
         date_header=True,
         timeout_keep_alive=30,
         timeout_graceful_shutdown=20,
-        limit_concurrency=MAX_CONNECTIONS,
+        # Requests are counted by the app (collectors.server.ActiveRequests), never
+        # connections; the protocol times out slow headers and bodies.
+        limit_concurrency=None,
+        http=protocol_for(settings),
         lifespan="on",
         log_config=None,  # logging as set up above, without uvicorn's access formatter
     )

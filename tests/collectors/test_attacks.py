@@ -264,3 +264,89 @@ def test_exports_are_pseudonymised_for_the_public(make_collector, tmp_path) -> N
         "/api/v1/export", params={"format": "jsonl", "pseudonymize": "false"}, headers=operator
     )
     assert mine.status_code == 200 and probe_id in mine.text
+
+
+# -- 4. idle and half-sent connections -----------------------------------------------------
+
+
+def connect(c: Collector, source: str = "127.0.0.1") -> socket.socket:
+    host, port = c.url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=30, source_address=(source, 0))
+    return sock
+
+
+def closed_by_server(sock: socket.socket) -> bool:
+    """Read until the server closes (b"") or sends an answer and then closes."""
+    try:
+        while sock.recv(4096):
+            pass
+    except ConnectionResetError:
+        pass
+    return True
+
+
+def test_idle_and_half_sent_connections_do_not_count(make_collector) -> None:
+    # The attack: 128 idle or half-sent connections made every request answer 503.
+    c = make_collector(connections_per_address=1000, header_timeout=60, max_active_requests=128)
+    held = []
+    try:
+        for i in range(300):
+            sock = connect(c)
+            if i % 2:
+                sock.sendall(b"POST /api/v1/measurements HTTP/1.1\r\nHost: x\r\nAuthor")
+            held.append(sock)
+        for _ in range(5):
+            assert c.http.get("/api/v1/health").status_code == 200
+            assert c.http.get("/api/v1/aggregates").status_code == 200
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def test_slow_headers_and_bodies_are_cut_off(make_collector) -> None:
+    c = make_collector(header_timeout=0.5, body_timeout=0.5)
+    probe_id = new_id()
+    cred = c.enroll(probe_id)
+    idle = connect(c)
+    half = connect(c)
+    half.sendall(b"GET /api/v1/health HTTP/1.1\r\nHo")
+    with idle, half:
+        assert closed_by_server(idle) and closed_by_server(half)
+    with held_upload(c, cred) as slow:  # headers sent, the body never ends
+        assert closed_by_server(slow)
+    until(lambda: len(c.app.state.uploads_in_flight) == 0)
+    # A keep-alive connection that sends its next request in time is served.
+    with httpx.Client(base_url=c.url, trust_env=False, timeout=30) as client:
+        for _ in range(3):
+            assert client.get("/api/v1/health").status_code == 200
+
+
+def test_one_address_cannot_hold_every_connection(make_collector) -> None:
+    c = make_collector(connections_per_address=5, header_timeout=60)
+    held = [connect(c, "127.0.0.2") for _ in range(5)]
+    try:
+        extra = connect(c, "127.0.0.2")
+        with extra:
+            assert closed_by_server(extra)  # the sixth from that address is refused
+        other = httpx.Client(
+            base_url=c.url, trust_env=False, timeout=30,
+            transport=httpx.HTTPTransport(local_address="127.0.0.3"),
+        )  # fmt: skip
+        with other:
+            assert other.get("/api/v1/health").status_code == 200
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def test_requests_handled_at_once_are_capped(make_collector) -> None:
+    c = make_collector(max_active_requests=2, upload_burst=10_000)
+    probe_id = new_id()
+    cred = c.enroll(probe_id)
+    with held_upload(c, cred), held_upload(c, cred):
+        until(lambda: len(c.app.state.uploads_in_flight) == 2)
+        r = c.http.get("/api/v1/health")
+        assert r.status_code == 503
+        assert r.headers["Retry-After"] == "1" and "too many requests" in r.json()["error"]
+    until(lambda: len(c.app.state.uploads_in_flight) == 0)
+    assert c.http.get("/api/v1/health").status_code == 200

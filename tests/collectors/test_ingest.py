@@ -424,7 +424,7 @@ def test_the_same_batch_sent_twice_at_once_is_stored_once(make_collector) -> Non
     in flight, and tokens for one batch at a time.)"""
     import threading
 
-    collector = make_collector(uploads_per_probe=4, upload_burst=4 * 1001)
+    collector = make_collector(uploads_per_probe=4, upload_burst=20 * 1001)
     probe_id = new_id()
     cred = collector.enroll(probe_id)
     run = new_id()
