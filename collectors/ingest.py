@@ -37,7 +37,9 @@ import datetime as dt
 import functools
 import logging
 import math
+import threading
 import zlib
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -308,6 +310,11 @@ def prepare(index: int, doc: Any, validate: Callable[[Any], Any], check_nul: boo
         m = wire.from_wire(doc)
     except wire.WireError as exc:
         raise ValueError(str(exc)) from None
+    if not wire.MIN_YEAR <= m.start_time.year <= wire.MAX_YEAR:  # the schema says so too
+        raise ValueError(
+            f"measurement_start_time: year {m.start_time.year} is outside "
+            f"{wire.MIN_YEAR}-{wire.MAX_YEAR} (the probe's clock is wrong)"
+        )
     # The rows are those the probe's Store writes for ``m`` (it writes them from
     # ``to_wire(m)``): the summary fields are computed from ``m`` as there, and the
     # observations keep their wire records as received. Those passed the schema (no
@@ -403,15 +410,56 @@ _M_NAMES = _FIT_MEASUREMENT.names
 _O_NAMES = _FIT_OBSERVATION.names
 
 
+#: Vantage-point ids kept in memory (fingerprint -> id): a fleet's probes repeat a few
+#: each; one varying a field at every batch only evicts its own old entries.
+VANTAGE_CACHE = 10_000
+
+
+class IdCache:
+    """A bounded map of vantage-point fingerprints to row ids, least recently used
+    evicted first. Thread-safe. A miss only costs a query: the table has the id."""
+
+    def __init__(self, size: int = VANTAGE_CACHE) -> None:
+        self.size = size
+        self._ids: OrderedDict[str, int] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, fingerprint: str) -> int | None:
+        with self._lock:
+            found = self._ids.get(fingerprint)
+            if found is not None:
+                self._ids.move_to_end(fingerprint)
+            return found
+
+    def update(self, ids: dict[str, int]) -> None:
+        with self._lock:
+            for fp, id_ in ids.items():
+                self._ids[fp] = id_
+                self._ids.move_to_end(fp)
+            while len(self._ids) > self.size:
+                self._ids.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __contains__(self, fingerprint: object) -> bool:
+        return fingerprint in self._ids
+
+
 class Ingestor:
     """Checks and stores batches for the collector's probes. Thread-safe: the app calls
     :meth:`ingest` from worker threads."""
 
-    def __init__(self, engine: sa.Engine, validate: Callable[[Any], Any] | None = None) -> None:
+    def __init__(
+        self,
+        engine: sa.Engine,
+        validate: Callable[[Any], Any] | None = None,
+        cache_size: int = VANTAGE_CACHE,
+    ) -> None:
         self.engine = engine
         self.validate = validate or compile_validator()
         self._copy = engine.dialect.name == "postgresql"
-        self._vantage_ids: dict[str, int] = {}
+        self._vantage_ids = IdCache(cache_size)
 
     def check_identity(self, probe_id: str, items: Sequence[Any]) -> None:
         """403 when any item says it is from another probe (the whole batch is refused)."""
@@ -522,11 +570,15 @@ class Ingestor:
     ) -> None:
         """Fill ``fresh`` with the ids of the items' vantage points not cached (inserting
         those not stored yet)."""
-        wanted = {
-            i.fingerprint: i
-            for i in items
-            if i.fingerprint not in self._vantage_ids and i.fingerprint not in fresh
-        }
+        wanted = {}
+        for i in items:
+            if i.fingerprint in fresh or i.fingerprint in wanted:
+                continue
+            cached = self._vantage_ids.get(i.fingerprint)
+            if cached is not None:
+                fresh[i.fingerprint] = cached  # this batch's own copy: eviction cannot lose it
+            else:
+                wanted[i.fingerprint] = i
         if not wanted:
             return
         rows = conn.execute(
@@ -572,7 +624,7 @@ class Ingestor:
             else:
                 kept.append(item)
         self._vantage_point_ids(conn, kept, fresh)
-        ids = {**self._vantage_ids, **fresh}
+        ids = fresh
         for item in kept:
             item.measurement_row["vantage_point_id"] = ids[item.fingerprint]
         first: dict[str, Item] = {}

@@ -153,7 +153,8 @@ def row(rec: Record) -> tuple[Any, ...]:
 
 def csv_time(value: dt.datetime) -> str:
     """``2024-05-01T12:00:00Z``: ISO 8601 in UTC, whole seconds as measured."""
-    text = value.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    v = value.astimezone(dt.UTC)
+    text = f"{v.year:04d}-{v.month:02d}-{v.day:02d}T{v.hour:02d}:{v.minute:02d}:{v.second:02d}"
     if value.microsecond:
         text += f".{value.microsecond:06d}"
     return text + "Z"

@@ -135,7 +135,7 @@ BAD_ITEMS: list[tuple[str, Any, str]] = [
     ("NUL key", lambda d: d["annotations"].update({"k\x00": "v"}), "NUL"),
     ("port", lambda d: d["test_keys"]["tcp_connect"][0].update(port=70000), "tcp_connect[0].port"),
     ("huge asn", lambda d: d.update(probe_asn="AS4294967295"), "probe_asn: not a 32-bit integer"),
-    ("bad date", lambda d: d.update(measurement_start_time="2024-13-45 99:00:00"), "malformed"),
+    ("bad date", lambda d: d.update(measurement_start_time="2024-13-45 99:00:00"), "measurement_start_time"),
     ("bad base64", lambda d: d["test_keys"]["queries"][0].update(raw_response="QQ"), "raw_response"),
     ("extra key", lambda d: d.update(probe_ip_real="198.51.100.1"), "must not contain"),
     ("blocking", lambda d: d["test_keys"].update(blocking="everything"), "test_keys.blocking"),
