@@ -146,6 +146,10 @@ def parse_filters(values: dict[str, str]) -> Filters:
         if match is None or int(match.group(1)) > 2**32 - 1:
             raise BadParameter("asn", f"not an AS number like 1234 or AS1234: {values['asn']!r}")
         asn = int(match.group(1))
+        if asn > filters.MAX_STORED_ASN:
+            raise BadParameter(
+                "asn", f"{values['asn']!r} is above AS{filters.MAX_STORED_ASN}, the largest stored"
+            )
     blocking = values.get("blocking")
     if blocking is not None:
         blocking = blocking.strip().lower()
@@ -188,11 +192,11 @@ def decode_cursor(value: str) -> tuple[dt.datetime, str]:
         raw = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
         when, uid = json.loads(raw)
         start = dt.datetime.fromisoformat(when)
-    except (binascii.Error, ValueError, TypeError):
+        if not isinstance(uid, str) or len(uid) > MAX_TEXT or start.tzinfo is None:
+            raise ValueError(problem)
+        return start.astimezone(dt.UTC), uid
+    except (binascii.Error, ValueError, TypeError, OverflowError, RecursionError):
         raise BadParameter("after", problem) from None
-    if not isinstance(uid, str) or start.tzinfo is None:
-        raise BadParameter("after", problem)
-    return start.astimezone(dt.UTC), uid
 
 
 # -- SQL ------------------------------------------------------------------------------
@@ -377,6 +381,11 @@ def _answer(request: Request, compute: Callable[[sa.Engine], dict[str, Any]]) ->
         return JSONResponse(compute(request.app.state.engine))
     except BadParameter as exc:
         return _error(422, str(exc))
+    except sa.exc.DataError as exc:
+        # A value the database cannot take as its column's type: a parameter's fault,
+        # not the database's (each parameter is checked; this is the net below them).
+        log.warning("read API: a parameter the database refused: %s", exc.orig)
+        return _error(422, "a parameter is out of the range the database holds")
     except sa.exc.SQLAlchemyError as exc:
         log.error("read API: database error: %s", exc)
         orig = getattr(exc, "orig", None)

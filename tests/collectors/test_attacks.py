@@ -350,3 +350,64 @@ def test_requests_handled_at_once_are_capped(make_collector) -> None:
         assert r.headers["Retry-After"] == "1" and "too many requests" in r.json()["error"]
     until(lambda: len(c.app.state.uploads_in_flight) == 0)
     assert c.http.get("/api/v1/health").status_code == 200
+
+
+# -- 12. read-API parameters at the edges of the types ---------------------------------------
+
+
+def cursor(when: str, uid: str = "x") -> str:
+    import base64
+
+    raw = json.dumps([when, uid]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+EDGES_422 = [
+    {"since": "0001-01-01T00:00:00+01:00"},
+    {"until": "0001-01-01T00:30:00+05:00"},
+    {"since": "9999-12-31T23:59:59-01:00"},
+    {"until": "9999-12-31T23:00:00-02:00"},
+    {"asn": "2147483648"},
+    {"asn": "AS4294967295"},
+]
+EDGES_OK = [
+    {"until": "9999-12-31"},
+    {"since": "0001-01-01"},
+    {"since": "0001-01-01T00:00:00Z", "until": "9999-12-31T23:59:59Z"},
+    {"asn": "2147483647"},
+]
+
+
+@pytest.mark.parametrize("path", ["/api/v1/measurements", "/api/v1/aggregates", "/api/v1/events"])
+def test_parameters_at_the_edges_are_422_or_answered_never_500(make_collector, path) -> None:
+    c = make_collector()
+    probe_id = new_id()
+    assert post(c, c.enroll(probe_id), body_of([doc(probe_id, new_id(), 0)])).status_code == 200
+    for params in EDGES_422:
+        r = c.http.get(path, params=params)
+        assert r.status_code == 422, (params, r.text)
+        assert next(iter(params)) in r.json()["error"]
+    for params in EDGES_OK:
+        r = c.http.get(path, params=params)
+        assert r.status_code == 200, (params, r.text)
+
+
+@pytest.mark.parametrize("forged", [
+    cursor("0001-01-01T00:00:00+01:00"), cursor("9999-12-31T23:59:59-05:00"),
+    cursor("2024-01-01T00:00:00"), cursor("2024-01-01T00:00:00Z", "u" * 500),
+    "AAAA", "!!!!", cursor("not a time"),
+])  # fmt: skip
+def test_a_forged_cursor_is_422(make_collector, forged) -> None:
+    c = make_collector()
+    r = c.http.get("/api/v1/measurements", params={"after": forged})
+    assert r.status_code == 422, r.text
+    assert r.json()["error"].startswith("after:")
+
+
+def test_export_parameters_at_the_edges_are_422(make_collector, tmp_path) -> None:
+    c = make_collector(pseudonym_key_file=str(tmp_path / "k"), export_address_burst=100)
+    for params in EDGES_422:
+        r = c.http.get("/api/v1/export", params={"format": "csv", **params})
+        assert r.status_code == 422, (params, r.text)
+    r = c.http.get("/api/v1/export", params={"format": "csv", "until": "9999-12-31"})
+    assert r.status_code == 404  # nothing stored: answered, not a crash
