@@ -171,8 +171,10 @@ def enroll(engine: sa.Engine, token: str, probe_id: str) -> Enrolled:
     """Register ``probe_id`` with ``token`` and return its new credential.
 
     401 when the token is unknown, revoked, expired or used up; 409 when the probe id
-    is enrolled already with a live credential (a revoked probe may enroll again, with
-    a new token). The token's use is counted only when the probe is enrolled.
+    is enrolled already, live or revoked: a revoked id stays revoked (the list of
+    probes is public, and any enroll token would otherwise take over a revoked id and
+    its earlier runs) until the operator restores it (:func:`restore_probe`). The
+    token's use is counted only when the probe is enrolled.
     """
     wanted = digest(token)
     now = _now()
@@ -190,6 +192,12 @@ def enroll(engine: sa.Engine, token: str, probe_id: str) -> Enrolled:
             ).first()
             if known is not None and known.revoked_at is None:
                 raise AuthError(409, f"probe {probe_id} is enrolled already")
+            if known is not None:
+                raise AuthError(
+                    409,
+                    f"probe {probe_id} was revoked; it may enroll again only once the "
+                    "collector's operator restores it (vantage collector probes restore)",
+                )
             # Guarded: two enrollments racing for a token's last use cannot both win.
             used = conn.execute(
                 _t.update()
@@ -206,10 +214,7 @@ def enroll(engine: sa.Engine, token: str, probe_id: str) -> Enrolled:
                 "enrolled_at": now,
                 "revoked_at": None,
             }
-            if known is None:
-                conn.execute(_p.insert().values(probe_id=probe_id, **values))
-            else:
-                conn.execute(_p.update().where(_p.c.probe_id == probe_id).values(**values))
+            conn.execute(_p.insert().values(probe_id=probe_id, **values))
     except sa.exc.IntegrityError:  # the same probe id enrolled at the same moment
         raise AuthError(409, f"probe {probe_id} is enrolled already") from None
     return Enrolled(probe_id, credential)
@@ -277,6 +282,18 @@ def revoke_probe(engine: sa.Engine, probe_id: str) -> bool:
             _p.update()
             .where(_p.c.probe_id == probe_id, _p.c.revoked_at.is_(None))
             .values(revoked_at=_now())
+        )
+    return done.rowcount == 1
+
+
+def restore_probe(engine: sa.Engine, probe_id: str) -> bool:
+    """Let a revoked probe id enroll again (with a new token; its old credential stays
+    dead): the operator's decision, never an enroll token's. The probe's row goes (its
+    measurements and runs stay, and are its own again once it enrolls). False when
+    there is no such revoked probe."""
+    with engine.begin() as conn:
+        done = conn.execute(
+            _p.delete().where(_p.c.probe_id == probe_id, _p.c.revoked_at.is_not(None))
         )
     return done.rowcount == 1
 

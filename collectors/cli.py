@@ -10,7 +10,7 @@ not installed.
     vantage collector migrate --db URL
     vantage collector enroll-token create [--label L] [--expires 7d] [--max-uses N]
     vantage collector enroll-token list | revoke ID
-    vantage collector probes list | revoke PROBE_ID
+    vantage collector probes list | revoke PROBE_ID | restore PROBE_ID
     vantage collector export ...                            (collectors.export)
 
 ``--db`` defaults to ``$VANTAGE_COLLECTOR_DB`` (a password in a URL stays out of ``ps``).
@@ -288,6 +288,12 @@ def add_collector_parser(subparsers: argparse._SubParsersAction[argparse.Argumen
     _db_arg(prevoke)
     prevoke.add_argument("probe_id", metavar="PROBE_ID")
     prevoke.set_defaults(handler=cmd_probes_revoke)
+    prestore = psub.add_parser(
+        "restore", help="let a revoked probe id enroll again (with a new enroll token)"
+    )
+    _db_arg(prestore)
+    prestore.add_argument("probe_id", metavar="PROBE_ID")
+    prestore.set_defaults(handler=cmd_probes_restore)
 
     try:  # TRANSITIONAL: collectors.export arrives with the export work
         export = importlib.import_module("collectors.export")
@@ -473,6 +479,17 @@ def cmd_probes_revoke(args: argparse.Namespace, engine: Any) -> int:
         print(f"vantage: no live probe {args.probe_id!r}", file=sys.stderr)
         return EX_NOTFOUND
     print(f"probe {args.probe_id} revoked: its uploads are refused from now on")
+    return 0
+
+
+@_database_command
+def cmd_probes_restore(args: argparse.Namespace, engine: Any) -> int:
+    from collectors import auth
+
+    if not auth.restore_probe(engine, args.probe_id):
+        print(f"vantage: no revoked probe {args.probe_id!r}", file=sys.stderr)
+        return EX_NOTFOUND
+    print(f"probe {args.probe_id} restored: it may enroll again with a new enroll token")
     return 0
 
 

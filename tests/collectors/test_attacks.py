@@ -411,3 +411,28 @@ def test_export_parameters_at_the_edges_are_422(make_collector, tmp_path) -> Non
         assert r.status_code == 422, (params, r.text)
     r = c.http.get("/api/v1/export", params={"format": "csv", "until": "9999-12-31"})
     assert r.status_code == 404  # nothing stored: answered, not a crash
+
+
+# -- 11. a revoked probe id --------------------------------------------------------------------
+
+
+def test_a_revoked_id_cannot_be_taken_over_with_any_enroll_token(make_collector) -> None:
+    from collectors import auth
+
+    c = make_collector()
+    victim = new_id()
+    cred = c.enroll(victim)
+    run = new_id()
+    assert post(c, cred, body_of([doc(victim, run, 0)])).status_code == 200
+    assert auth.revoke_probe(c.engine, victim)
+    listed = c.http.get("/api/v1/probes").json()["probes"]
+    assert [p["revoked"] for p in listed] == [True]
+    # The attack: any enroll token, the revoked id (public), then uploads into its runs.
+    r = c.http.post("/api/v1/enroll", json={"token": c.enroll_token(), "probe_id": victim})
+    assert r.status_code == 409, r.text
+    assert "operator restores it" in r.json()["error"]
+    assert c.count("measurements") == 1
+    assert auth.restore_probe(c.engine, victim)  # the operator's decision
+    fresh = c.enroll(victim)
+    assert post(c, fresh, body_of([doc(victim, run, 1)])).status_code == 200
+    assert post(c, cred, body_of([doc(victim, run, 2)])).status_code == 401  # old stays dead

@@ -310,12 +310,15 @@ def test_missing_or_unknown_credential_is_401(collector: Collector, probe, heade
     assert collector.count("measurements") == 0
 
 
-def test_a_revoked_credential_is_401_until_enrolled_again(collector: Collector, probe) -> None:
+def test_a_revoked_credential_is_401_until_restored_and_enrolled_again(
+    collector: Collector, probe
+) -> None:
     probe_id, cred = probe
     assert auth.revoke_probe(collector.engine, probe_id)
     r = post(collector, cred, [doc(probe_id, new_id(), 0)])
     assert r.status_code == 401
     assert "revoked" in r.json()["error"]
+    assert auth.restore_probe(collector.engine, probe_id)
     fresh = collector.enroll(probe_id)  # a new token: a new credential, the old stays dead
     assert post(collector, cred, [doc(probe_id, new_id(), 0)]).status_code == 401
     assert statuses(post(collector, fresh, [doc(probe_id, new_id(), 0)])) == ["accepted"]
