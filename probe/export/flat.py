@@ -158,3 +158,20 @@ def csv_time(value: dt.datetime) -> str:
     if value.microsecond:
         text += f".{value.microsecond:06d}"
     return text + "Z"
+
+
+#: What a spreadsheet takes as the start of a formula (or a DDE command) in a cell.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_text(value: str) -> str:
+    """A text cell that no spreadsheet runs: a value that begins as a formula would
+    (``=``, ``+``, ``-``, ``@``, tab, carriage return) gets a leading ``'``, which
+    spreadsheets show as "text follows" and do not display. Measured data is
+    attacker-controlled (a network name, a target id from a catalog, a service name):
+    ``=HYPERLINK(...)`` must reach the reader as text.
+
+    >>> csv_text("=1+1"), csv_text("whatsapp")
+    ("'=1+1", 'whatsapp')
+    """
+    return "'" + value if value.startswith(FORMULA_STARTS) else value

