@@ -107,7 +107,35 @@ def public_probe_id(request: Any) -> Callable[[str], str | None]:
     return p
 
 
+#: What a public ``probe`` filter becomes when it names no probe: matches nothing.
+NO_PROBE = "-"
+
+
+def probe_filter(request: Any, engine: Any, given: str) -> str:
+    """The real probe id a caller's ``probe`` filter means: as given for the operator;
+    for the public, the probe whose pseudonym it is (:data:`NO_PROBE` when none is;
+    a real id given by the public is not looked up, so it cannot be used to confirm a
+    guess). :class:`ValueError` when the public cannot name probes here (no key)."""
+    import sqlalchemy as sa
+
+    from schema import tables
+
+    if is_operator(request):
+        return given
+    p = pseudonymizer(request)
+    if p is None:
+        raise ValueError("probes are not named to the public on this collector")
+    vp = tables.vantage_points
+    with engine.connect() as conn:
+        for probe_id in conn.execute(sa.select(vp.c.probe_id).distinct()).scalars():
+            if hmac.compare_digest(p(probe_id), given):
+                return str(probe_id)
+    return NO_PROBE
+
+
 __all__ = [
+    "NO_PROBE",
+    "probe_filter",
     "AccessError",
     "is_operator",
     "operator_token",

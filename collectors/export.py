@@ -138,6 +138,16 @@ async def get_export(request: Request) -> Any:
     try:
         values = _parameters(request)
         fmt = check_format(values["format"][0])
+        if "probe" in values and not access.is_operator(request):
+            try:  # the public names probes by their pseudonyms
+                values["probe"] = [
+                    access.probe_filter(request, state.engine, name.strip())
+                    for value in values["probe"]
+                    for name in value.split(",")
+                    if name.strip()
+                ] or values["probe"]
+            except ValueError as exc:
+                raise BadParameter(f"probe: {exc}") from None
         filters = parse_filters(
             since=values.get("since", [None])[0], until=values.get("until", [None])[0],
             service=values.get("service"), cc=values.get("cc"), asn=values.get("asn"),

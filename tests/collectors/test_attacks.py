@@ -468,3 +468,36 @@ def test_csv_cells_cannot_carry_a_formula(make_collector, tmp_path) -> None:
         assert not value.startswith(dangerous), (name, value)
         for part in value.split(";"):
             assert not part.startswith(dangerous), (name, value)
+
+
+# -- 10. a pseudonymised release joined back through the public API -------------------------
+
+
+def test_a_pseudonymised_release_cannot_be_joined_back_to_real_probe_ids(
+    make_collector, tmp_path
+) -> None:
+    c = make_collector(
+        pseudonym_key_file=str(tmp_path / "pseudonym.key"),
+        operator_token_file=str(tmp_path / "operator.token"),
+    )
+    probe_id = new_id()
+    cred = c.enroll(probe_id)
+    assert post(c, cred, body_of([doc(probe_id, new_id(), i) for i in range(3)])).status_code == 200
+    operator = {"Authorization": f"Bearer {(tmp_path / 'operator.token').read_text().strip()}"}
+    release = c.http.get("/api/v1/export", params={"format": "jsonl", "pseudonymize": "true"},
+                         headers=operator)  # fmt: skip
+    assert release.status_code == 200
+    rows = [json.loads(line) for line in release.text.splitlines()]
+    assert {r["probe_id"] for r in rows} != {probe_id}
+    # The attack: look each released measurement up in the public read API.
+    for r in rows:
+        page = c.http.get("/api/v1/measurements", params={"since": "2000-01-01", "limit": 1000})
+        (found,) = [d for d in page.json()["measurements"]
+                    if d["measurement_uid"] == r["measurement_uid"]]  # fmt: skip
+        assert found["probe_id"] == r["probe_id"]  # the same pseudonym: nothing undone
+    public_text = "".join(
+        c.http.get(path).text
+        for path in ("/api/v1/measurements", "/api/v1/events", "/api/v1/probes")
+    )
+    assert probe_id not in public_text
+    assert probe_id in c.http.get("/api/v1/probes", headers=operator).text  # the operator's
