@@ -779,6 +779,13 @@ class InFlight:
         return self._count
 
 
+def _refuse(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    """An answer given before the body was read (or while it was too large): the
+    connection is closed after it, so the server does not go on reading a body it
+    refused (uvicorn would otherwise read and discard it to keep the connection)."""
+    return _error(status, message, {**(headers or {}), "Connection": "close"})
+
+
 @router.post(API_MEASUREMENTS)
 async def upload(request: Request) -> Response:
     """A probe's batch -> per-item results (see the module docstring and collectors/API.md).
@@ -803,11 +810,11 @@ async def upload(request: Request) -> Response:
             settings.trusted_proxies,
         )
     except (AddressError, ValueError) as exc:
-        return _error(400, str(exc))
+        return _refuse(400, str(exc))
     where = address_key(ip)
     wait = state.ingest_address_limits.take(where)
     if wait > 0:
-        return _error(
+        return _refuse(
             429,
             "too many upload requests from this address; send again later",
             {"Retry-After": retry_after(wait)},
@@ -818,14 +825,14 @@ async def upload(request: Request) -> Response:
         )
     except auth.AuthError as exc:
         state.ingest_address_limits.charge(where, AUTH_FAILURE_COST)
-        return _error(exc.status, str(exc), {"WWW-Authenticate": "Bearer"})
+        return _refuse(exc.status, str(exc), {"WWW-Authenticate": "Bearer"})
     except sa.exc.SQLAlchemyError as exc:
         log.error("authenticating an upload failed: %s", _reason(exc))
-        return _error(503, "the collector's database is unavailable", {"Retry-After": "30"})
+        return _refuse(503, "the collector's database is unavailable", {"Retry-After": "30"})
     reserved = 1.0 + settings.max_items
     wait = state.upload_limits.reserve(probe_id, reserved)
     if wait > 0:
-        return _error(
+        return _refuse(
             429,
             "this probe is over its upload rate; send again later",
             {"Retry-After": retry_after(wait)},
@@ -835,20 +842,20 @@ async def upload(request: Request) -> Response:
     if full is not None:
         state.upload_limits.refund(probe_id, reserved - 1)
         if full == "probe":
-            return _error(
+            return _refuse(
                 429,
                 f"this probe has {settings.uploads_per_probe} uploads in flight already; "
                 "send the next when one is answered",
                 {"Retry-After": "1"},
             )
-        return _error(503, "the collector is busy with other uploads", {"Retry-After": "5"})
+        return _refuse(503, "the collector is busy with other uploads", {"Retry-After": "5"})
     try:
         try:
             raw = await auth.read_body(request, settings.max_body)
         except auth.BodyTooLarge:
-            return _error(413, f"the body is over {settings.max_body} bytes")
+            return _refuse(413, f"the body is over {settings.max_body} bytes")
         except ClientDisconnect:
-            return _error(400, "the client went away")
+            return _refuse(400, "the client went away")
         try:
             async with state.ingest_slots:
                 result, count = await run_in_threadpool(
