@@ -147,8 +147,13 @@ def _parser(lean: str | None = None) -> argparse.ArgumentParser:
         importlib.import_module(name).add_parser(sub)
     # Commands from other installed parts of Vantage (the collector's `control`),
     # found by name so the probe never imports them.
+    # One function registered under two names (an install's metadata from another
+    # version: "control" and "collector") is called once.
+    loaded = set()
     for entry in entry_points(group="vantage.commands"):
-        entry.load()(sub)
+        if entry.value not in loaded:
+            loaded.add(entry.value)
+            entry.load()(sub)
     return p
 
 
