@@ -780,10 +780,11 @@ class InFlight:
 
 
 def _refuse(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
-    """An answer given before the body was read (or while it was too large): the
-    connection is closed after it, so the server does not go on reading a body it
-    refused (uvicorn would otherwise read and discard it to keep the connection)."""
-    return _error(status, message, {**(headers or {}), "Connection": "close"})
+    """An answer given before the body was read. The connection is kept: uvicorn
+    reads what is left of the body and drops it (bounded by ``body_timeout``). Closing
+    at once would save reading it but the client, still sending, would then get a
+    reset instead of this answer (and a probe would not see its 413 or 429)."""
+    return _error(status, message, headers)
 
 
 @router.post(API_MEASUREMENTS)

@@ -33,7 +33,6 @@ import multiprocessing
 import os
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -249,8 +248,10 @@ ATTACKS: dict[str, Callable[[str, str, Any], list[threading.Thread]]] = {
 
 
 def run_attack(name: str, url: str, cred: str, stop: Any) -> None:
-    """The hostile client, in a process of its own (another machine, in effect: it
-    does not share the well-behaved probe's interpreter)."""
+    """The hostile client, in a process of its own at the lowest CPU priority: on a real
+    deployment it is another machine, whose own CPU is not the collector's. What it
+    costs the collector (accepting, parsing, refusing, reading) is still paid in full."""
+    os.nice(19)
     threads = ATTACKS[name](url, cred, stop)
     for t in threads:
         t.start()
@@ -315,9 +316,9 @@ def main(argv: list[str] | None = None) -> int:
         server = Server(db, tmp)
         try:
             spawn = multiprocessing.get_context("spawn")
-            print(f"{'attack':10} {'p50 ms':>9} {'p99 ms':>9} {'max ms':>9}  answers")
-            results: dict[str, Any] = {}
-            for name in ("none", *ATTACKS):
+            good_id, good_cred = creds["good"]
+
+            def measure(name: str) -> tuple[float, float]:
                 stop = spawn.Event()
                 hostile = None
                 if name != "none":
@@ -326,7 +327,6 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     hostile.start()
                     time.sleep(2.0)  # let the attack take hold
-                good_id, good_cred = creds["good"]
                 lat, answers = probe_uploads(
                     server.url, good_id, good_cred, args.uploads, args.batch, args.pause
                 )
@@ -336,15 +336,25 @@ def main(argv: list[str] | None = None) -> int:
                     if hostile.is_alive():
                         hostile.kill()
                 p50, p99 = percentile(lat, 50) * 1000, percentile(lat, 99) * 1000
-                results[name] = (p50, p99)
-                print(f"{name:10} {p50:9.1f} {p99:9.1f} {max(lat) * 1000:9.1f}  "
-                      f"{dict(sorted(answers.items()))}  (mean {statistics.mean(lat) * 1000:.1f})",
-                      flush=True)  # fmt: skip
-            base = results["none"][1]
-            for name, (_, p99) in results.items():
-                if name != "none":
-                    ok = p99 < PROBE_TIMEOUT * 1000 and p99 <= 2 * base
-                    print(f"{name}: p99 {p99 / base:.2f}x unattacked: {'ok' if ok else 'MISSED'}")
+                label = "  (none)" if name == "none" else name
+                print(f"{label:10} {p50:9.1f} {p99:9.1f} {max(lat) * 1000:9.1f}  "
+                      f"{dict(sorted(answers.items()))}", flush=True)  # fmt: skip
+                return p50, p99
+
+            # Each attack is measured right after an unattacked phase of its own: the
+            # machine's other load drifts, and the pair shares it.
+            print(f"{'attack':10} {'p50 ms':>9} {'p99 ms':>9} {'max ms':>9}  answers")
+            verdicts = []
+            for name in ATTACKS:
+                base50, base99 = measure("none")
+                p50, p99 = measure(name)
+                ok = p99 < PROBE_TIMEOUT * 1000 and p99 <= 2 * base99
+                verdicts.append(
+                    f"{name}: p50 {p50 / base50:.2f}x, p99 {p99 / base99:.2f}x unattacked, "
+                    f"p99 {'under' if p99 < PROBE_TIMEOUT * 1000 else 'OVER'} the probe's "
+                    f"{PROBE_TIMEOUT:.0f} s: {'ok' if ok else 'MISSED 2x'}"
+                )
+            print("\n".join(verdicts))
         finally:
             server.stop()
     return 0
