@@ -34,7 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from collectors import access, auth, ingest, whoami
 from collectors.ratelimit import RateLimiter, Slots
-from collectors.server import ActiveRequests
+from collectors.server import ActiveRequests, RequestCount
 from collectors.settings import CollectorSettings
 from probe import __version__
 from probe.geoip import GeoIP
@@ -172,7 +172,8 @@ def create_app(settings: CollectorSettings, engine: sa.Engine | None = None) -> 
 
     # Only requests being handled count (idle and half-sent connections are the
     # protocol's business: collectors.server).
-    app.add_middleware(ActiveRequests, limit=settings.max_active_requests)
+    app.state.requests = RequestCount(settings.max_active_requests)
+    app.add_middleware(ActiveRequests, count=app.state.requests)
     app.include_router(auth.router)
     app.include_router(ingest.router)
     app.include_router(whoami.router)

@@ -33,6 +33,7 @@ unique constraint, rolls back whole and is simply done again. Other databases
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import functools
 import logging
@@ -815,6 +816,11 @@ async def upload(request: Request) -> Response:
     where = address_key(ip)
     wait = state.ingest_address_limits.take(where)
     if wait > 0:
+        delay = min(wait, settings.refusal_delay)
+        handled = getattr(state, "requests", None)
+        if delay > 0 and handled is not None:
+            async with handled.aside():  # held back: the flood slows, nobody else waits
+                await asyncio.sleep(delay)
         return _refuse(
             429,
             "too many upload requests from this address; send again later",

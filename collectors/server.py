@@ -14,15 +14,17 @@ every other request answer 503. Here instead:
   ``max_active_requests`` requests being handled at once: only requests whose headers
   have arrived count, so idle and half-sent connections cost nothing.
 
->>> config = uvicorn.Config(ActiveRequests(app, 128), http=protocol_for(settings))
+>>> config = uvicorn.Config(ActiveRequests(app, RequestCount(128)), http=protocol_for(settings))
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import os
+from collections.abc import AsyncIterator
 from typing import Any, ClassVar
 
 import h11
@@ -157,20 +159,41 @@ class EnvironmentProtocol(GuardedH11Protocol):
         super().__init__(*args, **kw)
 
 
-class ActiveRequests:
-    """An ASGI middleware: at most ``limit`` HTTP requests handled at once; beyond it
-    503 ``{"error": ...}`` with ``Retry-After: 1``. Lifespan passes through."""
+class RequestCount:
+    """Requests being handled, against ``limit``; a request may step aside while it
+    only waits (:meth:`aside`: a refusal held back, see collectors.ingest), so that
+    waiting costs no one else a place. Used from the event loop's thread only."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app = app
+    def __init__(self, limit: int) -> None:
         self.limit = limit
         self.active = 0
+        self.aside_now = 0
+
+    @contextlib.asynccontextmanager
+    async def aside(self) -> AsyncIterator[None]:
+        self.active -= 1
+        self.aside_now += 1
+        try:
+            yield
+        finally:
+            self.aside_now -= 1
+            self.active += 1
+
+
+class ActiveRequests:
+    """An ASGI middleware: at most ``count.limit`` HTTP requests handled at once;
+    beyond it 503 ``{"error": ...}`` with ``Retry-After: 1``. Lifespan passes through."""
+
+    def __init__(self, app: ASGIApp, count: RequestCount) -> None:
+        self.app = app
+        self.count = count
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if self.active >= self.limit:
+        count = self.count
+        if count.active >= count.limit:
             body = b'{"error":"the collector is handling too many requests; try again soon"}'
             await send({
                 "type": "http.response.start", "status": 503,
@@ -179,8 +202,8 @@ class ActiveRequests:
             })  # fmt: skip
             await send({"type": "http.response.body", "body": body})
             return
-        self.active += 1
+        count.active += 1
         try:
             await self.app(scope, receive, send)
         finally:
-            self.active -= 1
+            count.active -= 1

@@ -58,6 +58,10 @@ class CollectorSettings:
     #: make the collector look up credentials or read bodies faster than this.
     ingest_address_rate: float = 20.0
     ingest_address_burst: float = 200.0
+    #: Seconds at most an address over that rate waits for its 429 (not counted as an
+    #: active request meanwhile): a client that does not wait is slowed to about
+    #: ``connections_per_address`` requests per this many seconds.
+    refusal_delay: float = 1.0
     #: Upload bodies one probe may have in flight (being read, waiting or stored).
     uploads_per_probe: int = 2
     #: Upload bodies in flight in all (each may be ``max_body`` bytes); past it 503.
@@ -150,6 +154,8 @@ class CollectorSettings:
         ):  # fmt: skip
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name}: must be positive, got {getattr(self, name)}")
+        if self.refusal_delay < 0:
+            raise SettingsError(f"refusal_delay: must not be negative, got {self.refusal_delay}")
         if self.settle_after < 0:
             raise SettingsError(f"settle_after: must not be negative, got {self.settle_after}")
 

@@ -109,7 +109,7 @@ def test_the_member_attack_over_http_is_400_and_stores_nothing(make_collector) -
 
 
 def test_made_up_credentials_are_charged_to_the_address(make_collector) -> None:
-    c = make_collector(ingest_address_rate=NO_REFILL, ingest_address_burst=30)
+    c = make_collector(ingest_address_rate=NO_REFILL, ingest_address_burst=30, refusal_delay=0.01)
     codes = [post(c, "vpc_made-up", b"{}").status_code for _ in range(10)]
     # Each costs 1 + 10: three fit in the bucket of 30, then 429 without a lookup.
     assert codes[:3] == [401, 401, 401]
@@ -501,3 +501,23 @@ def test_a_pseudonymised_release_cannot_be_joined_back_to_real_probe_ids(
     )
     assert probe_id not in public_text
     assert probe_id in c.http.get("/api/v1/probes", headers=operator).text  # the operator's
+
+
+def test_a_flooding_address_waits_for_its_429_without_taking_a_place(make_collector) -> None:
+    import threading
+
+    c = make_collector(
+        ingest_address_rate=NO_REFILL, ingest_address_burst=1, refusal_delay=10,
+        max_active_requests=1,
+    )  # fmt: skip
+    assert post(c, "vpc_made-up", b"{}").status_code == 401  # the address's one token
+    answers: list[int] = []
+    held = threading.Thread(target=lambda: answers.append(post(c, "vpc_x", b"{}").status_code))
+    held.start()
+    count = c.app.state.requests
+    until(lambda: count.aside_now == 1)
+    # Held back, it is not an active request: the one place is free for others.
+    assert c.http.get("/api/v1/health").status_code == 200
+    held.join(60)
+    assert answers == [429]
+    assert count.active == 0 and count.aside_now == 0
