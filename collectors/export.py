@@ -191,7 +191,7 @@ async def get_export(request: Request) -> Any:
     try:
         engine = getattr(state, "export_engine", None) or state.engine
         export = Export(
-            engine, fmt, filters,
+            engine, fmt, filters, chunk_size=CHUNK,
             probe_id=pseudonym, asn_of=_asn_lookup(request) if fmt == "ooni" else None,
         )  # fmt: skip
         try:
@@ -221,6 +221,11 @@ async def get_export(request: Request) -> Any:
         if slots is not None and not handed_over:
             slots.give()
 
+
+#: Measurements read and encoded at a time: a chunk is a few MB of JSON, and reading
+#: and encoding it holds the interpreter for a while; smaller chunks let uploads
+#: through in between (the bytes are the same whatever the chunk size).
+CHUNK = 200
 
 #: Seconds a reader may take no chunk (``settings.export_stall_timeout``).
 DEFAULT_STALL = 30.0
