@@ -780,6 +780,18 @@ class InFlight:
         return self._count
 
 
+MIB = 1 << 20
+
+
+def _request_cost(request: Request, max_body: int) -> float:
+    """What a request costs its address: 1, and 1 per MiB of its body (as declared by
+    ``Content-Length``; a body without one counts as ``max_body``): a refused body is
+    still read to its end (see :func:`_refuse`), so big bodies are charged as such."""
+    declared = (request.headers.get("content-length") or "").strip()
+    size = int(declared) if declared.isdigit() and len(declared) < 19 else max_body
+    return 1.0 + min(size, max_body) / MIB
+
+
 def _refuse(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
     """An answer given before the body was read. The connection is kept: uvicorn
     reads what is left of the body and drops it (bounded by ``body_timeout``). Closing
@@ -814,7 +826,7 @@ async def upload(request: Request) -> Response:
     except (AddressError, ValueError) as exc:
         return _refuse(400, str(exc))
     where = address_key(ip)
-    wait = state.ingest_address_limits.take(where)
+    wait = state.ingest_address_limits.take(where, _request_cost(request, settings.max_body))
     if wait > 0:
         delay = min(wait, settings.refusal_delay)
         handled = getattr(state, "requests", None)

@@ -521,3 +521,12 @@ def test_a_flooding_address_waits_for_its_429_without_taking_a_place(make_collec
     held.join(60)
     assert answers == [429]
     assert count.active == 0 and count.aside_now == 0
+
+
+def test_big_bodies_cost_their_address_by_the_mib(make_collector) -> None:
+    # A refused body is still read to its end: 16 MiB refused again and again was the
+    # costliest flood. Each request costs 1 + 1 per MiB declared (+ 10 when unknown).
+    c = make_collector(ingest_address_rate=NO_REFILL, ingest_address_burst=40, refusal_delay=0.01)
+    body = b" " * (8 << 20)
+    codes = [post(c, "vpc_made-up", body).status_code for _ in range(4)]
+    assert codes == [401, 401, 401, 429]  # 19 each: 40 -> 21 -> 2 -> -17
