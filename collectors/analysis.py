@@ -28,6 +28,12 @@ one of the same probe is recorded but does not move events (they follow the newe
 run, as on the probe). A run whose control targets all failed (the probe was offline)
 changes no event, as on the probe.
 
+Judging is fair and contained (issue 18): a pass takes settled runs in turn from each
+probe, at most :data:`PASS_BUDGET` of them; a run is judged from its measurement rows
+(target, verdict, failure, annotations), never its observations, so a run that grew
+costs its row count, not its evidence; a run that cannot be judged is set aside
+(:data:`SET_ASIDE`) until it grows again, and the pass goes on.
+
 >>> settle_runs(engine, dt.datetime.now(dt.UTC), settle_after=900)
 3
 """
