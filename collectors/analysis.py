@@ -28,6 +28,12 @@ one of the same probe is recorded but does not move events (they follow the newe
 run, as on the probe). A run whose control targets all failed (the probe was offline)
 changes no event, as on the probe.
 
+Judging is fair and contained (issue 18): a pass takes settled runs in turn from each
+probe, at most :data:`PASS_BUDGET` of them; a run is judged from its measurement rows
+(target, verdict, failure, annotations), never its observations, so a run that grew
+costs its row count, not its evidence; a run that cannot be judged is set aside
+(:data:`SET_ASIDE`) until it grows again, and the pass goes on.
+
 >>> settle_runs(engine, dt.datetime.now(dt.UTC), settle_after=900)
 3
 """
@@ -37,7 +43,9 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
 
 import sqlalchemy as sa
 
@@ -50,6 +58,8 @@ log = logging.getLogger("vantage.collector.analysis")
 
 UNSETTLED = "uploaded"
 SETTLED = "settled"
+#: A run judging failed on; judged again when it grows (note_arrivals), never before.
+SET_ASIDE = "set_aside"
 #: Seconds without a new measurement before a run is judged: past the probe's default
 #: upload interval (300 s), so a run uploaded in two batches is judged whole.
 DEFAULT_SETTLE_AFTER = 900.0
@@ -80,10 +90,24 @@ def note_arrivals(conn: sa.Connection, counts: Mapping[str, int], now: dt.dateti
         )
 
 
+#: Runs judged in one pass at most, taken in turn from each probe: one probe's many
+#: runs (or many growing ones) cannot push another probe's new run back for long.
+PASS_BUDGET = 100
+
+
 def settle_runs(
-    engine: sa.Engine, now: dt.datetime | None = None, settle_after: float = DEFAULT_SETTLE_AFTER
+    engine: sa.Engine,
+    now: dt.datetime | None = None,
+    settle_after: float = DEFAULT_SETTLE_AFTER,
+    budget: int = PASS_BUDGET,
 ) -> int:
-    """Judge every run that has settled by ``now``; returns how many were judged.
+    """Judge the runs that have settled by ``now``; returns how many were judged.
+
+    Fair between probes: the candidates are taken in turn from each probe (one run of
+    each, then the next of each; a probe's own runs oldest first), at most ``budget``
+    judged per pass. Isolating: a run that cannot be judged (its rows do not read
+    back, a rule raises) is logged and set aside (:data:`SET_ASIDE`) until it grows
+    again; it never stops the pass or costs another run its judgement.
 
     Idempotent: a run is judged once per settling (calling again judges nothing new).
     """
@@ -95,20 +119,67 @@ def settle_runs(
         .label("arrived")
     )
     query = (
-        sa.select(r_t.c.run_id, r_t.c.finished_at, r_t.c.measurement_count, arrived)
+        sa.select(
+            r_t.c.run_id, r_t.c.finished_at, r_t.c.measurement_count, arrived, vp_t.c.probe_id
+        )
+        .join(vp_t, vp_t.c.id == r_t.c.vantage_point_id)
         .where(r_t.c.status == UNSETTLED)
         .order_by(r_t.c.started_at, r_t.c.run_id)  # a probe's runs in the order it ran them
     )
     with engine.connect() as conn:
         candidates = conn.execute(query).all()
-    judged = 0
-    for run in candidates:
+    judged = tried = 0
+    for run in in_turn(candidates, key=lambda r: r.probe_id):
         if run.finished_at is None or run.arrived != run.measurement_count:
             _seen_growing(engine, run.run_id, run.arrived, now)
-        elif (now - _utc(run.finished_at)).total_seconds() >= settle_after:
+            continue
+        if (now - _utc(run.finished_at)).total_seconds() < settle_after:
+            continue
+        if tried >= budget:
+            break
+        tried += 1
+        try:
             if settle_run(engine, run.run_id, run.arrived):
                 judged += 1
+        except Exception as exc:  # noqa: BLE001 - one bad run must not stop the others
+            log.error("run %s cannot be judged, set aside until it grows: %r", run.run_id, exc)
+            _set_aside(engine, run.run_id, run.arrived)
     return judged
+
+
+T = TypeVar("T")
+
+
+def in_turn(items: Sequence[T], key: Callable[[T], str]) -> Iterator[T]:
+    """``items`` taken in turn by ``key`` (the first of each key, then the second of
+    each, ...), each key's items in their order; keys in order of first appearance.
+
+    >>> list(in_turn(["a1", "a2", "a3", "b1"], key=lambda s: s[0]))
+    ['a1', 'b1', 'a2', 'a3']
+    """
+    queues: dict[str, list[T]] = {}
+    for item in items:
+        queues.setdefault(key(item), []).append(item)
+    lanes = list(queues.values())
+    depth = 0
+    while lanes:
+        for lane in lanes:
+            yield lane[depth]
+        depth += 1
+        lanes = [lane for lane in lanes if len(lane) > depth]
+
+
+def _set_aside(engine: sa.Engine, run_id: str, arrived: int) -> None:
+    with engine.begin() as conn:
+        conn.execute(
+            r_t.update()
+            .where(
+                r_t.c.run_id == run_id,
+                r_t.c.status == UNSETTLED,
+                r_t.c.measurement_count == arrived,
+            )
+            .values(status=SET_ASIDE)
+        )
 
 
 def _seen_growing(engine: sa.Engine, run_id: str, arrived: int, now: dt.datetime) -> None:
@@ -123,7 +194,7 @@ def _seen_growing(engine: sa.Engine, run_id: str, arrived: int, now: dt.datetime
 def settle_run(engine: sa.Engine, run_id: str, expected: int) -> bool:
     """Judge one run of ``expected`` measurements; False when it changed meanwhile (or
     another worker judged it): a later pass takes it up again."""
-    measurements = measurements_of(engine, run_id)
+    measurements = judging_view(engine, run_id)
     if len(measurements) != expected:
         return False
     non_controls = sorted({m.target.service for m in measurements if not m.target.control})
@@ -225,16 +296,21 @@ async def settle_loop(
     ``settle_after``, between 1 and 60 s) until ``stop`` is set; returns soon after.
 
     The database work runs in a worker thread; a failing pass is logged and retried
-    at the next one (the collector keeps serving).
+    at the next one (the collector keeps serving). A pass that used its whole budget
+    (:data:`PASS_BUDGET`) is followed by the next at once: the budget shares the work
+    out fairly, it does not slow it down.
     """
     pause = interval if interval is not None else min(max(settle_after / 4, 1.0), 60.0)
     while not stop.is_set():
+        wait = pause
         try:
-            await asyncio.to_thread(settle_runs, engine, None, settle_after)
+            judged = await asyncio.to_thread(settle_runs, engine, None, settle_after)
+            if judged >= PASS_BUDGET:
+                wait = 0.0
         except Exception:  # a database outage must not end the loop
             log.exception("settling runs failed; trying again in %.0f s", pause)
         try:
-            await asyncio.wait_for(stop.wait(), pause)
+            await asyncio.wait_for(stop.wait(), wait)
         except TimeoutError:
             pass
 
@@ -242,6 +318,51 @@ async def settle_loop(
 def measurements_of(engine: sa.Engine, run_id: str) -> list[Measurement]:
     """A run's measurements as the collector holds them (for tests and tools)."""
     return [wire.from_wire(d) for d in Store(engine, outbox=False).iter_documents(run_id)]
+
+
+@dataclass
+class JudgedMeasurement(Measurement):
+    """A measurement as judging needs it: its target, verdict, annotations and
+    failure, read from its ``measurements`` row alone (no observations), so that a run
+    that grew is judged again in time linear in its rows, not in its evidence."""
+
+    stored_failure: str | None = None
+
+    def failure(self) -> str | None:
+        return self.stored_failure
+
+
+def judging_view(engine: sa.Engine, run_id: str) -> list[Measurement]:
+    """What :func:`settle_run` judges: each measurement of ``run_id`` from its row."""
+    query = (
+        sa.select(
+            m_t.c.measurement_uid, m_t.c.start_time, m_t.c.target, m_t.c.annotations,
+            m_t.c.failure, m_t.c.accessible, m_t.c.blocking, m_t.c.verdict, vp_t.c.probe_id,
+        )
+        .join(vp_t, vp_t.c.id == m_t.c.vantage_point_id)
+        .where(m_t.c.run_id == run_id)
+        .order_by(m_t.c.start_time, m_t.c.measurement_uid)
+    )  # fmt: skip
+    out: list[Measurement] = []
+    with engine.connect() as conn:
+        for row in conn.execute(query):
+            blocking = False if row.blocking == "false" else row.blocking
+            verdict = wire.verdict_from_wire(
+                {"analysis": row.verdict, "accessible": row.accessible, "blocking": blocking}
+            )
+            out.append(
+                JudgedMeasurement(
+                    measurement_uid=row.measurement_uid,
+                    run_id=run_id,
+                    target=wire.target_from_wire(row.target),
+                    vantage=VantagePoint(row.probe_id, "", "", ""),  # not judged on
+                    start_time=_utc(row.start_time),
+                    annotations=dict(row.annotations),
+                    verdict=verdict,
+                    stored_failure=row.failure,
+                )
+            )
+    return out
 
 
 def _utc(value: dt.datetime) -> dt.datetime:

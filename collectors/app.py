@@ -24,6 +24,7 @@ import importlib
 import logging
 import os
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
@@ -31,8 +32,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from collectors import auth, ingest, whoami
-from collectors.ratelimit import RateLimiter
+from collectors import access, auth, ingest, whoami
+from collectors.ratelimit import RateLimiter, Slots
+from collectors.server import ActiveRequests, RequestCount
 from collectors.settings import CollectorSettings
 from probe import __version__
 from probe.geoip import GeoIP
@@ -70,6 +72,22 @@ def open_engine(settings: CollectorSettings) -> sa.Engine:
     return engine
 
 
+def open_export_engine(engine: sa.Engine, settings: CollectorSettings) -> sa.Engine:
+    """The engine exports read on: the same database, a pool of its own of two
+    connections per export slot (an export reads with two) and no overflow, so that
+    exports never take the connections uploads and the read API need. SQLite (a
+    trial) shares the one engine."""
+    if engine.dialect.name == "sqlite":
+        return engine
+    return sa.create_engine(
+        engine.url,
+        pool_size=2 * settings.export_slots,
+        max_overflow=0,
+        pool_timeout=10,
+        pool_pre_ping=True,
+    )
+
+
 def missing_routers() -> list[str]:
     """The optional router modules that are not installed (yet)."""
     missing = []
@@ -89,6 +107,9 @@ def create_app(settings: CollectorSettings, engine: sa.Engine | None = None) -> 
     own_engine = engine is None
     engine = engine if engine is not None else open_engine(settings)
     geoip = GeoIP(settings.asn_db, settings.country_db)  # GeoIPError: a bad path, now
+    if settings.operator_token_file:  # made now, so the operator can read it at once
+        access.operator_token(Path(settings.operator_token_file))  # AccessError: now
+    export_engine = open_export_engine(engine, settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -105,6 +126,8 @@ def create_app(settings: CollectorSettings, engine: sa.Engine | None = None) -> 
                 with contextlib.suppress(asyncio.CancelledError):
                     await asyncio.wait_for(task, 10)
             geoip.close()
+            if export_engine is not engine:
+                export_engine.dispose()
             if own_engine:
                 engine.dispose()
 
@@ -123,6 +146,17 @@ def create_app(settings: CollectorSettings, engine: sa.Engine | None = None) -> 
     app.state.ingest_slots = asyncio.Semaphore(settings.ingest_slots)
     app.state.upload_limits = RateLimiter(settings.upload_rate, settings.upload_burst)
     app.state.address_limits = RateLimiter(settings.address_rate, settings.address_burst)
+    app.state.ingest_address_limits = RateLimiter(
+        settings.ingest_address_rate, settings.ingest_address_burst
+    )
+    app.state.uploads_in_flight = ingest.InFlight(
+        settings.uploads_per_probe, settings.bodies_in_flight
+    )
+    app.state.export_engine = export_engine
+    app.state.export_slots = Slots(settings.export_slots)
+    app.state.export_address_limits = RateLimiter(
+        settings.export_address_rate, settings.export_address_burst
+    )
     app.state.control_helper = None
 
     @app.exception_handler(StarletteHTTPException)
@@ -136,6 +170,10 @@ def create_app(settings: CollectorSettings, engine: sa.Engine | None = None) -> 
     async def health() -> dict[str, bool]:
         return {"ok": True}
 
+    # Only requests being handled count (idle and half-sent connections are the
+    # protocol's business: collectors.server).
+    app.state.requests = RequestCount(settings.max_active_requests)
+    app.add_middleware(ActiveRequests, count=app.state.requests)
     app.include_router(auth.router)
     app.include_router(ingest.router)
     app.include_router(whoami.router)

@@ -36,7 +36,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
-from collectors.ratelimit import retry_after
+from collectors.ratelimit import address_key, retry_after
 from schema import tables
 
 log = logging.getLogger("vantage.collector.auth")
@@ -171,8 +171,10 @@ def enroll(engine: sa.Engine, token: str, probe_id: str) -> Enrolled:
     """Register ``probe_id`` with ``token`` and return its new credential.
 
     401 when the token is unknown, revoked, expired or used up; 409 when the probe id
-    is enrolled already with a live credential (a revoked probe may enroll again, with
-    a new token). The token's use is counted only when the probe is enrolled.
+    is enrolled already, live or revoked: a revoked id stays revoked (the list of
+    probes is public, and any enroll token would otherwise take over a revoked id and
+    its earlier runs) until the operator restores it (:func:`restore_probe`). The
+    token's use is counted only when the probe is enrolled.
     """
     wanted = digest(token)
     now = _now()
@@ -190,6 +192,12 @@ def enroll(engine: sa.Engine, token: str, probe_id: str) -> Enrolled:
             ).first()
             if known is not None and known.revoked_at is None:
                 raise AuthError(409, f"probe {probe_id} is enrolled already")
+            if known is not None:
+                raise AuthError(
+                    409,
+                    f"probe {probe_id} was revoked; it may enroll again only once the "
+                    "collector's operator restores it (vantage collector probes restore)",
+                )
             # Guarded: two enrollments racing for a token's last use cannot both win.
             used = conn.execute(
                 _t.update()
@@ -206,10 +214,7 @@ def enroll(engine: sa.Engine, token: str, probe_id: str) -> Enrolled:
                 "enrolled_at": now,
                 "revoked_at": None,
             }
-            if known is None:
-                conn.execute(_p.insert().values(probe_id=probe_id, **values))
-            else:
-                conn.execute(_p.update().where(_p.c.probe_id == probe_id).values(**values))
+            conn.execute(_p.insert().values(probe_id=probe_id, **values))
     except sa.exc.IntegrityError:  # the same probe id enrolled at the same moment
         raise AuthError(409, f"probe {probe_id} is enrolled already") from None
     return Enrolled(probe_id, credential)
@@ -281,6 +286,18 @@ def revoke_probe(engine: sa.Engine, probe_id: str) -> bool:
     return done.rowcount == 1
 
 
+def restore_probe(engine: sa.Engine, probe_id: str) -> bool:
+    """Let a revoked probe id enroll again (with a new token; its old credential stays
+    dead): the operator's decision, never an enroll token's. The probe's row goes (its
+    measurements and runs stay, and are its own again once it enrolls). False when
+    there is no such revoked probe."""
+    with engine.begin() as conn:
+        done = conn.execute(
+            _p.delete().where(_p.c.probe_id == probe_id, _p.c.revoked_at.is_not(None))
+        )
+    return done.rowcount == 1
+
+
 # -- the HTTP endpoint --------------------------------------------------------------------
 
 API_ENROLL = "/api/v1/enroll"
@@ -303,7 +320,7 @@ async def enroll_endpoint(request: Request) -> JSONResponse:
         )
     except (AddressError, ValueError) as exc:
         return JSONResponse({"error": str(exc)}, status_code=400)
-    wait = state.address_limits.take(ip)
+    wait = state.address_limits.take(address_key(ip))
     if wait > 0:
         return JSONResponse(
             {"error": "too many requests from this address; try again later"},

@@ -10,7 +10,7 @@ not installed.
     vantage collector migrate --db URL
     vantage collector enroll-token create [--label L] [--expires 7d] [--max-uses N]
     vantage collector enroll-token list | revoke ID
-    vantage collector probes list | revoke PROBE_ID
+    vantage collector probes list | revoke PROBE_ID | restore PROBE_ID
     vantage collector export ...                            (collectors.export)
 
 ``--db`` defaults to ``$VANTAGE_COLLECTOR_DB`` (a password in a URL stays out of ``ps``).
@@ -178,9 +178,6 @@ def _bare(host: str) -> str:
 # -- vantage collector ----------------------------------------------------------------
 
 DB_ENV = "VANTAGE_COLLECTOR_DB"
-#: Connections and requests served at once by one worker; beyond, uvicorn answers 503.
-#: Each may hold a body of up to 16 MiB while it is read.
-MAX_CONNECTIONS = 128
 
 
 def _db_arg(parser: argparse.ArgumentParser) -> None:
@@ -291,6 +288,12 @@ def add_collector_parser(subparsers: argparse._SubParsersAction[argparse.Argumen
     _db_arg(prevoke)
     prevoke.add_argument("probe_id", metavar="PROBE_ID")
     prevoke.set_defaults(handler=cmd_probes_revoke)
+    prestore = psub.add_parser(
+        "restore", help="let a revoked probe id enroll again (with a new enroll token)"
+    )
+    _db_arg(prestore)
+    prestore.add_argument("probe_id", metavar="PROBE_ID")
+    prestore.set_defaults(handler=cmd_probes_restore)
 
     try:  # TRANSITIONAL: collectors.export arrives with the export work
         export = importlib.import_module("collectors.export")
@@ -479,6 +482,17 @@ def cmd_probes_revoke(args: argparse.Namespace, engine: Any) -> int:
     return 0
 
 
+@_database_command
+def cmd_probes_restore(args: argparse.Namespace, engine: Any) -> int:
+    from collectors import auth
+
+    if not auth.restore_probe(engine, args.probe_id):
+        print(f"vantage: no revoked probe {args.probe_id!r}", file=sys.stderr)
+        return EX_NOTFOUND
+    print(f"probe {args.probe_id} restored: it may enroll again with a new enroll token")
+    return 0
+
+
 def collector_settings(args: argparse.Namespace) -> Any:
     """The :class:`CollectorSettings` of ``collector serve``'s flags and environment."""
     from collectors.settings import CollectorSettings, SettingsError, parse_networks
@@ -583,7 +597,8 @@ def _serve_workers(settings: Any, workers: int) -> int:
         server_header=False,
         timeout_keep_alive=30,
         timeout_graceful_shutdown=20,
-        limit_concurrency=MAX_CONNECTIONS,
+        limit_concurrency=None,  # the app counts requests; connections: collectors.server
+        http="collectors.server:EnvironmentProtocol",
         lifespan="on",
         log_config=None,
     )
@@ -607,6 +622,8 @@ def server_config(app: Any, settings: Any) -> Any:
     be in every line), X-Forwarded-For handled by the app for trusted proxies only."""
     import uvicorn
 
+    from collectors.server import protocol_for
+
     return uvicorn.Config(
         app,
         host=settings.host,
@@ -617,7 +634,10 @@ def server_config(app: Any, settings: Any) -> Any:
         date_header=True,
         timeout_keep_alive=30,
         timeout_graceful_shutdown=20,
-        limit_concurrency=MAX_CONNECTIONS,
+        # Requests are counted by the app (collectors.server.ActiveRequests), never
+        # connections; the protocol times out slow headers and bodies.
+        limit_concurrency=None,
+        http=protocol_for(settings),
         lifespan="on",
         log_config=None,  # logging as set up above, without uvicorn's access formatter
     )

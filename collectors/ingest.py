@@ -2,8 +2,9 @@
 
 What a batch goes through (collectors/API.md is the contract):
 
-1. the caller's credential names its probe (401 otherwise); its token bucket must
-   have room (429 with ``Retry-After``);
+1. the request is charged to its address, its credential names its probe (401
+   otherwise), and a whole batch is reserved from the probe's token bucket (429 when it
+   cannot be; see :func:`upload`);
 2. the body is read up to the size limit, gunzipped if ``Content-Encoding: gzip``
    (bounded: a small bomb cannot expand past the limit; 413), parsed as JSON (400)
    into at most ``max_items`` measurements (413);
@@ -32,11 +33,14 @@ unique constraint, rolls back whole and is simply done again. Other databases
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import functools
 import logging
 import math
+import threading
 import zlib
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,7 +54,7 @@ from starlette.requests import ClientDisconnect
 
 from collectors import auth
 from collectors.analysis import note_arrivals
-from collectors.ratelimit import retry_after
+from collectors.ratelimit import address_key, retry_after
 from probe.store import KIND_KEYS, observation_rows, vantage_fingerprint
 from schema import tables, wire
 from schema.model import VantagePoint
@@ -77,31 +81,59 @@ class IngestError(Exception):
 # -- the body ---------------------------------------------------------------------------
 
 
+#: Gzip members one body may hold. A probe sends one; a few allow concatenated files.
+#: Each member costs a decompressor and a header parse whatever its size, so a body of
+#: thousands of empty members (20 bytes each) is refused rather than worked through.
+MAX_GZIP_MEMBERS = 16
+#: Compressed bytes handed to zlib at a time: what is left over at the end of a member
+#: (``unused_data``, a copy) is never more than this.
+_GZIP_CHUNK = 64 * 1024
+
+
 def decode_body(raw: bytes, encoding: str | None, limit: int) -> bytes:
     """The body as sent, gunzipped when ``encoding`` says gzip; never more than ``limit``
-    bytes are produced (413 past it), however small the compressed body."""
+    bytes are produced (413 past it), however small the compressed body.
+
+    Linear in the size of the body: the compressed bytes are fed to zlib in chunks of
+    :data:`_GZIP_CHUNK` through a view (nothing is copied but the last chunk's rest at
+    the end of a member), and a body of more than :data:`MAX_GZIP_MEMBERS` members is
+    400.
+    """
     name = (encoding or "identity").strip().lower()
     if name == "identity" or name == "":
         return raw
     if name not in ("gzip", "x-gzip"):
         raise IngestError(415, f"Content-Encoding {encoding!r} is not supported (gzip is)")
     out = bytearray()
-    data = raw
+    view = memoryview(raw)
+    offset = 0  # the first compressed byte not yet given to zlib
+    members = 1
     inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+    pending: bytes | memoryview = b""  # given to zlib, not yet consumed
     try:
         while True:
-            out += inflater.decompress(data, limit + 1 - len(out))
+            if not pending:
+                if offset >= len(view):
+                    if inflater.eof:
+                        return bytes(out)
+                    raise IngestError(400, "the gzip body is truncated")
+                pending = view[offset : offset + _GZIP_CHUNK]
+                offset += len(pending)
+            out += inflater.decompress(pending, limit + 1 - len(out))
             if len(out) > limit:
                 raise IngestError(413, f"the body is over {limit} bytes once decompressed")
             if inflater.eof:
-                data = inflater.unused_data
-                if not data:
+                pending = inflater.unused_data  # at most one chunk
+                if not pending and offset >= len(view):
                     return bytes(out)
+                members += 1
+                if members > MAX_GZIP_MEMBERS:
+                    raise IngestError(
+                        400, f"the gzip body has more than {MAX_GZIP_MEMBERS} members"
+                    )
                 inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)  # next gzip member
                 continue
-            data = inflater.unconsumed_tail
-            if not data:
-                raise IngestError(400, "the gzip body is truncated")
+            pending = inflater.unconsumed_tail
     except zlib.error as exc:
         raise IngestError(400, f"the body is not valid gzip: {exc}") from None
 
@@ -279,6 +311,11 @@ def prepare(index: int, doc: Any, validate: Callable[[Any], Any], check_nul: boo
         m = wire.from_wire(doc)
     except wire.WireError as exc:
         raise ValueError(str(exc)) from None
+    if not wire.MIN_YEAR <= m.start_time.year <= wire.MAX_YEAR:  # the schema says so too
+        raise ValueError(
+            f"measurement_start_time: year {m.start_time.year} is outside "
+            f"{wire.MIN_YEAR}-{wire.MAX_YEAR} (the probe's clock is wrong)"
+        )
     # The rows are those the probe's Store writes for ``m`` (it writes them from
     # ``to_wire(m)``): the summary fields are computed from ``m`` as there, and the
     # observations keep their wire records as received. Those passed the schema (no
@@ -374,15 +411,56 @@ _M_NAMES = _FIT_MEASUREMENT.names
 _O_NAMES = _FIT_OBSERVATION.names
 
 
+#: Vantage-point ids kept in memory (fingerprint -> id): a fleet's probes repeat a few
+#: each; one varying a field at every batch only evicts its own old entries.
+VANTAGE_CACHE = 10_000
+
+
+class IdCache:
+    """A bounded map of vantage-point fingerprints to row ids, least recently used
+    evicted first. Thread-safe. A miss only costs a query: the table has the id."""
+
+    def __init__(self, size: int = VANTAGE_CACHE) -> None:
+        self.size = size
+        self._ids: OrderedDict[str, int] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, fingerprint: str) -> int | None:
+        with self._lock:
+            found = self._ids.get(fingerprint)
+            if found is not None:
+                self._ids.move_to_end(fingerprint)
+            return found
+
+    def update(self, ids: dict[str, int]) -> None:
+        with self._lock:
+            for fp, id_ in ids.items():
+                self._ids[fp] = id_
+                self._ids.move_to_end(fp)
+            while len(self._ids) > self.size:
+                self._ids.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __contains__(self, fingerprint: object) -> bool:
+        return fingerprint in self._ids
+
+
 class Ingestor:
     """Checks and stores batches for the collector's probes. Thread-safe: the app calls
     :meth:`ingest` from worker threads."""
 
-    def __init__(self, engine: sa.Engine, validate: Callable[[Any], Any] | None = None) -> None:
+    def __init__(
+        self,
+        engine: sa.Engine,
+        validate: Callable[[Any], Any] | None = None,
+        cache_size: int = VANTAGE_CACHE,
+    ) -> None:
         self.engine = engine
         self.validate = validate or compile_validator()
         self._copy = engine.dialect.name == "postgresql"
-        self._vantage_ids: dict[str, int] = {}
+        self._vantage_ids = IdCache(cache_size)
 
     def check_identity(self, probe_id: str, items: Sequence[Any]) -> None:
         """403 when any item says it is from another probe (the whole batch is refused)."""
@@ -493,11 +571,15 @@ class Ingestor:
     ) -> None:
         """Fill ``fresh`` with the ids of the items' vantage points not cached (inserting
         those not stored yet)."""
-        wanted = {
-            i.fingerprint: i
-            for i in items
-            if i.fingerprint not in self._vantage_ids and i.fingerprint not in fresh
-        }
+        wanted = {}
+        for i in items:
+            if i.fingerprint in fresh or i.fingerprint in wanted:
+                continue
+            cached = self._vantage_ids.get(i.fingerprint)
+            if cached is not None:
+                fresh[i.fingerprint] = cached  # this batch's own copy: eviction cannot lose it
+            else:
+                wanted[i.fingerprint] = i
         if not wanted:
             return
         rows = conn.execute(
@@ -543,7 +625,7 @@ class Ingestor:
             else:
                 kept.append(item)
         self._vantage_point_ids(conn, kept, fresh)
-        ids = {**self._vantage_ids, **fresh}
+        ids = fresh
         for item in kept:
             item.measurement_row["vantage_point_id"] = ids[item.fingerprint]
         first: dict[str, Item] = {}
@@ -659,55 +741,168 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
     )
 
 
+#: Tokens of the caller address's bucket an unknown or revoked credential costs (a
+#: good request costs 1): guessing credentials is throttled long before it is cheap.
+AUTH_FAILURE_COST = 10.0
+
+
+class InFlight:
+    """Upload bodies in flight (read, waiting for a slot, or being stored), per probe
+    and in all. Used from the event loop's thread only."""
+
+    def __init__(self, per_probe: int, total: int) -> None:
+        self.per_probe = per_probe
+        self.total = total
+        self._probes: dict[str, int] = {}
+        self._count = 0
+
+    def enter(self, probe_id: str) -> str | None:
+        """Admit one more body of ``probe_id``; None when admitted, otherwise which
+        cap is reached ("probe" or "total"). Each admitted body MUST be passed to :meth:`leave`."""
+        n = self._probes.get(probe_id, 0)
+        if n >= self.per_probe:
+            return "probe"
+        if self._count >= self.total:
+            return "total"
+        self._probes[probe_id] = n + 1
+        self._count += 1
+        return None
+
+    def leave(self, probe_id: str) -> None:
+        n = self._probes.get(probe_id, 0) - 1
+        if n > 0:
+            self._probes[probe_id] = n
+        else:
+            self._probes.pop(probe_id, None)
+        self._count -= 1
+
+    def __len__(self) -> int:
+        return self._count
+
+
+MIB = 1 << 20
+
+
+def _request_cost(request: Request, max_body: int) -> float:
+    """What a request costs its address: 1, and 1 per MiB of its body (as declared by
+    ``Content-Length``; a body without one counts as ``max_body``): a refused body is
+    still read to its end (see :func:`_refuse`), so big bodies are charged as such."""
+    declared = (request.headers.get("content-length") or "").strip()
+    size = int(declared) if declared.isdigit() and len(declared) < 19 else max_body
+    return 1.0 + min(size, max_body) / MIB
+
+
+def _refuse(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    """An answer given before the body was read. The connection is kept: uvicorn
+    reads what is left of the body and drops it (bounded by ``body_timeout``). Closing
+    at once would save reading it but the client, still sending, would then get a
+    reset instead of this answer (and a probe would not see its 413 or 429)."""
+    return _error(status, message, headers)
+
+
 @router.post(API_MEASUREMENTS)
 async def upload(request: Request) -> Response:
-    """A probe's batch -> per-item results (see the module docstring and collectors/API.md)."""
+    """A probe's batch -> per-item results (see the module docstring and collectors/API.md).
+
+    Every request is charged before anything costly is done for it: one token of its
+    address's bucket before the credential is looked up (:data:`AUTH_FAILURE_COST` more
+    when the credential is not good), then a whole batch's worth of its probe's bucket
+    (1 for the request + ``max_items``) *reserved* before the body is read, so that
+    concurrent uploads cannot all pass one check. What a stored batch did not use (1 +
+    its items) is given back; a refused body (400, 403, 413, 415) keeps it all. At most
+    ``uploads_per_probe`` bodies of one probe and ``bodies_in_flight`` in all are held
+    at once.
+    """
+    from collectors.whoami import AddressError, caller_address
+
     state = request.app.state
     settings = state.settings
+    try:
+        ip = caller_address(
+            request.client.host if request.client else None,
+            request.headers.getlist("x-forwarded-for"),
+            settings.trusted_proxies,
+        )
+    except (AddressError, ValueError) as exc:
+        return _refuse(400, str(exc))
+    where = address_key(ip)
+    wait = state.ingest_address_limits.take(where, _request_cost(request, settings.max_body))
+    if wait > 0:
+        delay = min(wait, settings.refusal_delay)
+        handled = getattr(state, "requests", None)
+        if delay > 0 and handled is not None:
+            async with handled.aside():  # held back: the flood slows, nobody else waits
+                await asyncio.sleep(delay)
+        return _refuse(
+            429,
+            "too many upload requests from this address; send again later",
+            {"Retry-After": retry_after(wait)},
+        )
     try:
         probe_id = await run_in_threadpool(
             auth.authenticate, state.engine, request.headers.get("authorization")
         )
     except auth.AuthError as exc:
-        return _error(exc.status, str(exc), {"WWW-Authenticate": "Bearer"})
+        state.ingest_address_limits.charge(where, AUTH_FAILURE_COST)
+        return _refuse(exc.status, str(exc), {"WWW-Authenticate": "Bearer"})
     except sa.exc.SQLAlchemyError as exc:
         log.error("authenticating an upload failed: %s", _reason(exc))
-        return _error(503, "the collector's database is unavailable", {"Retry-After": "30"})
-    wait = state.upload_limits.wait(probe_id)
+        return _refuse(503, "the collector's database is unavailable", {"Retry-After": "30"})
+    reserved = 1.0 + settings.max_items
+    wait = state.upload_limits.reserve(probe_id, reserved)
     if wait > 0:
-        return _error(
+        return _refuse(
             429,
             "this probe is over its upload rate; send again later",
             {"Retry-After": retry_after(wait)},
         )
-    try:
-        raw = await auth.read_body(request, settings.max_body)
-    except auth.BodyTooLarge:
-        return _error(413, f"the body is over {settings.max_body} bytes")
-    except ClientDisconnect:
-        return _error(400, "the client went away")
-    try:
-        async with state.ingest_slots:
-            result = await run_in_threadpool(
-                _handle,
-                state,
-                probe_id,
-                raw,
-                request.headers.get("content-encoding"),
-                parse_backlog(request.headers.get("x-vantage-backlog")),
+    used = reserved  # a refused body keeps all it reserved
+    full = state.uploads_in_flight.enter(probe_id)
+    if full is not None:
+        state.upload_limits.refund(probe_id, reserved - 1)
+        if full == "probe":
+            return _refuse(
+                429,
+                f"this probe has {settings.uploads_per_probe} uploads in flight already; "
+                "send the next when one is answered",
+                {"Retry-After": "1"},
             )
-    except IngestError as exc:
-        return _error(exc.status, str(exc), exc.headers)
+        return _refuse(503, "the collector is busy with other uploads", {"Retry-After": "5"})
+    try:
+        try:
+            raw = await auth.read_body(request, settings.max_body)
+        except auth.BodyTooLarge:
+            return _refuse(413, f"the body is over {settings.max_body} bytes")
+        except ClientDisconnect:
+            return _refuse(400, "the client went away")
+        try:
+            async with state.ingest_slots:
+                result, count = await run_in_threadpool(
+                    _handle,
+                    state,
+                    probe_id,
+                    raw,
+                    request.headers.get("content-encoding"),
+                    parse_backlog(request.headers.get("x-vantage-backlog")),
+                )
+        except IngestError as exc:
+            if exc.status >= 500:
+                used = 1.0  # the collector's trouble, not the probe's
+            return _error(exc.status, str(exc), exc.headers)
+        used = 1.0 + count
+    finally:
+        state.uploads_in_flight.leave(probe_id)
+        state.upload_limits.refund(probe_id, reserved - used)
     return Response(orjson.dumps(result.answer()), media_type="application/json")
 
 
 def _handle(
     state: Any, probe_id: str, raw: bytes, encoding: str | None, backlog: int | None
-) -> BatchResult:
+) -> tuple[BatchResult, int]:
+    """The batch's result and how many items it held."""
     settings = state.settings
     body = decode_body(raw, encoding, settings.max_body)
     items = parse_batch(body, settings.max_items)
-    state.upload_limits.charge(probe_id, max(1, len(items)))
     result: BatchResult = state.ingestor.ingest(
         probe_id, items, backlog, check_nul=b"\\u0000" in body
     )
@@ -716,11 +911,12 @@ def _handle(
         "probe %s: %d accepted, %d duplicate, %d rejected",
         probe_id, c["accepted"], c["duplicate"], c["rejected"],
     )  # fmt: skip
-    return result
+    return result, len(items)
 
 
 __all__ = [
     "BatchResult",
+    "InFlight",
     "IngestError",
     "Ingestor",
     "decode_body",

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -51,6 +52,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from starlette.datastructures import QueryParams
 
+from collectors import access
 from probe.export import filters
 from probe.store import Store
 from schema import tables
@@ -146,6 +148,10 @@ def parse_filters(values: dict[str, str]) -> Filters:
         if match is None or int(match.group(1)) > 2**32 - 1:
             raise BadParameter("asn", f"not an AS number like 1234 or AS1234: {values['asn']!r}")
         asn = int(match.group(1))
+        if asn > filters.MAX_STORED_ASN:
+            raise BadParameter(
+                "asn", f"{values['asn']!r} is above AS{filters.MAX_STORED_ASN}, the largest stored"
+            )
     blocking = values.get("blocking")
     if blocking is not None:
         blocking = blocking.strip().lower()
@@ -188,11 +194,11 @@ def decode_cursor(value: str) -> tuple[dt.datetime, str]:
         raw = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
         when, uid = json.loads(raw)
         start = dt.datetime.fromisoformat(when)
-    except (binascii.Error, ValueError, TypeError):
+        if not isinstance(uid, str) or len(uid) > MAX_TEXT or start.tzinfo is None:
+            raise ValueError(problem)
+        return start.astimezone(dt.UTC), uid
+    except (binascii.Error, ValueError, TypeError, OverflowError, RecursionError):
         raise BadParameter("after", problem) from None
-    if not isinstance(uid, str) or start.tzinfo is None:
-        raise BadParameter("after", problem)
-    return start.astimezone(dt.UTC), uid
 
 
 # -- SQL ------------------------------------------------------------------------------
@@ -370,6 +376,17 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
+def _as_seen(request: Request, engine: sa.Engine, f: Filters) -> Filters:
+    """``f`` with its ``probe`` the real id the caller's value names (a pseudonym, for
+    the public: collectors.access)."""
+    if f.probe is None:
+        return f
+    try:
+        return dataclasses.replace(f, probe=access.probe_filter(request, engine, f.probe))
+    except ValueError as exc:
+        raise BadParameter("probe", str(exc)) from None
+
+
 def _answer(request: Request, compute: Callable[[sa.Engine], dict[str, Any]]) -> JSONResponse:
     """Run ``compute`` on the app's engine; a bad parameter is a 422 naming it, a
     database failure a 503 (logged with its cause, answered without SQL)."""
@@ -377,6 +394,14 @@ def _answer(request: Request, compute: Callable[[sa.Engine], dict[str, Any]]) ->
         return JSONResponse(compute(request.app.state.engine))
     except BadParameter as exc:
         return _error(422, str(exc))
+    except access.AccessError as exc:
+        log.error("read API: %s", exc)
+        return _error(503, "the collector's pseudonym key cannot be read")
+    except sa.exc.DataError as exc:
+        # A value the database cannot take as its column's type: a parameter's fault,
+        # not the database's (each parameter is checked; this is the net below them).
+        log.warning("read API: a parameter the database refused: %s", exc.orig)
+        return _error(422, "a parameter is out of the range the database holds")
     except sa.exc.SQLAlchemyError as exc:
         log.error("read API: database error: %s", exc)
         orig = getattr(exc, "orig", None)
@@ -393,7 +418,10 @@ def get_measurements(request: Request) -> JSONResponse:
         f = parse_filters(values)
         limit = _limit(values, DEFAULT_LIMIT, MAX_LIMIT)
         after = decode_cursor(values["after"]) if "after" in values else None
-        docs, cursor = page_of_measurements(engine, f, limit, after)
+        docs, cursor = page_of_measurements(engine, _as_seen(request, engine, f), limit, after)
+        shown = access.public_probe_id(request)
+        for d in docs:
+            d["probe_id"] = shown(d["probe_id"])
         return {"measurements": docs, "next": cursor}
 
     return _answer(request, compute)
@@ -405,7 +433,7 @@ def get_aggregates(request: Request) -> JSONResponse:
 
     def compute(engine: sa.Engine) -> dict[str, Any]:
         f = parse_filters(_single(request.query_params, FILTERS))
-        return {"aggregates": aggregates(engine, f)}
+        return {"aggregates": aggregates(engine, _as_seen(request, engine, f))}
 
     return _answer(request, compute)
 
@@ -426,7 +454,11 @@ def get_events(request: Request) -> JSONResponse:
                 raise BadParameter("open", f"must be true or false, not {values['open']!r}")
             is_open = choice == "true"
         limit = _limit(values, EVENTS_DEFAULT_LIMIT, EVENTS_MAX_LIMIT)
-        return {"events": events(engine, f, is_open, limit)}
+        found = events(engine, _as_seen(request, engine, f), is_open, limit)
+        shown = access.public_probe_id(request)
+        for e in found:
+            e["probe_id"] = shown(e["probe_id"])
+        return {"events": found}
 
     return _answer(request, compute)
 
@@ -437,6 +469,10 @@ def get_probes(request: Request) -> JSONResponse:
 
     def compute(engine: sa.Engine) -> dict[str, Any]:
         _single(request.query_params, ())
-        return {"probes": fleet(engine)}
+        probes = fleet(engine)
+        shown = access.public_probe_id(request)
+        for p in probes:
+            p["probe_id"] = shown(p["probe_id"])
+        return {"probes": probes}
 
     return _answer(request, compute)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import math
 import secrets
 import threading
@@ -81,6 +82,35 @@ class RateLimiter:
                 self._prune(now)
         return 0.0
 
+    def reserve(self, key: str, cost: float) -> float:
+        """Take ``cost`` tokens now if the bucket holds them all (a cost above ``burst``
+        needs a full bucket), else take nothing and return the seconds until it would.
+
+        Concurrent requests each reserve before their body is read, so they cannot all
+        pass one check made before any was charged. Give back what a request did not
+        use with :meth:`refund`.
+        """
+        need = min(cost, self.burst)
+        with self._lock:
+            now = self._clock()
+            k = self._key(key)
+            level = self._level(k, now)
+            if level < need:
+                return (need - level) / self.rate
+            self._buckets[k] = (level - cost, now)
+            if len(self._buckets) > PRUNE_AT:
+                self._prune(now)
+        return 0.0
+
+    def refund(self, key: str, amount: float) -> None:
+        """Give back ``amount`` tokens reserved and not used (never past ``burst``)."""
+        if amount <= 0:
+            return
+        with self._lock:
+            now = self._clock()
+            k = self._key(key)
+            self._buckets[k] = (min(self.burst, self._level(k, now) + amount), now)
+
     def _prune(self, now: float) -> None:
         full = [k for k in self._buckets if self._level(k, now) >= self.burst]
         for k in full:
@@ -88,6 +118,38 @@ class RateLimiter:
 
     def __len__(self) -> int:
         return len(self._buckets)
+
+
+class Slots:
+    """A count of things done at once, refused past ``size`` rather than queued (a
+    queue would hold the caller's connection). The event loop's thread only."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.busy = 0
+
+    def take(self) -> bool:
+        if self.busy >= self.size:
+            return False
+        self.busy += 1
+        return True
+
+    def give(self) -> None:
+        self.busy -= 1
+
+
+def address_key(address: str) -> str:
+    """The bucket of a caller's address: the address itself for IPv4, its /64 for
+    IPv6 (one subscriber holds a whole /64, and would otherwise get 2^64 buckets)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
 
 
 def retry_after(seconds: float) -> str:

@@ -53,8 +53,41 @@ class CollectorSettings:
     #: Per caller address, for the unauthenticated calls (enroll, whoami).
     address_rate: float = 2.0
     address_burst: float = 30.0
+    #: Per caller address, every upload request, whatever its outcome (an unknown
+    #: credential costs :data:`collectors.ingest.AUTH_FAILURE_COST`): a client cannot
+    #: make the collector look up credentials or read bodies faster than this.
+    ingest_address_rate: float = 20.0
+    ingest_address_burst: float = 200.0
+    #: Seconds at most an address over that rate waits for its 429 (not counted as an
+    #: active request meanwhile): a client that does not wait is slowed to about
+    #: ``connections_per_address`` requests per this many seconds.
+    refusal_delay: float = 1.0
+    #: Upload bodies one probe may have in flight (being read, waiting or stored).
+    uploads_per_probe: int = 2
+    #: Upload bodies in flight in all (each may be ``max_body`` bytes); past it 503.
+    bodies_in_flight: int = 16
     #: Database connections kept open (the ingest's worker threads share them).
     pool_size: int = 8
+    #: Exports streamed at once, each on its own connection of a pool of this size
+    #: apart from the ingest's (an export never takes an upload's connection); past it 503.
+    export_slots: int = 2
+    #: Per caller address, public exports (the operator's are not limited).
+    export_address_rate: float = 0.05
+    export_address_burst: float = 3.0
+    #: The operator's token (collectors.access): it may export real probe ids and sees
+    #: them in the read API. Created, mode 0600, when absent. "": no operator over HTTP.
+    operator_token_file: str = ""
+    #: Seconds an export may wait for its reader to take the next chunk before it is
+    #: cut short and its connection given back (a reader that stops reading).
+    export_stall_timeout: float = 30.0
+    #: Seconds a connection may take to send a request's headers, and a request its
+    #: body; past them the connection is closed (collectors.server).
+    header_timeout: float = 10.0
+    body_timeout: float = 120.0
+    #: Requests handled at once (idle and half-sent connections do not count); past it 503.
+    max_active_requests: int = 128
+    #: Connections one address may hold open (trusted proxies excepted).
+    connections_per_address: int = 32
     #: Batches checked and stored at once; more wait their turn. A 16 MiB batch is some
     #: 200 MB of Python objects while it is checked: this bounds the memory.
     ingest_slots: int = 4
@@ -108,12 +141,21 @@ class CollectorSettings:
         """Raise :class:`SettingsError` naming the first value out of range."""
         if not 0 < self.port < 65536:
             raise SettingsError(f"port: not a port: {self.port}")
-        for name in ("max_body", "max_items", "pool_size", "ingest_slots"):
+        for name in (
+            "max_body", "max_items", "pool_size", "ingest_slots", "uploads_per_probe",
+            "bodies_in_flight", "export_slots", "max_active_requests", "connections_per_address",
+        ):  # fmt: skip
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name}: must be positive, got {getattr(self, name)}")
-        for name in ("upload_rate", "upload_burst", "address_rate", "address_burst"):
+        for name in (
+            "upload_rate", "upload_burst", "address_rate", "address_burst",
+            "ingest_address_rate", "ingest_address_burst", "export_stall_timeout",
+            "header_timeout", "body_timeout", "export_address_rate", "export_address_burst",
+        ):  # fmt: skip
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name}: must be positive, got {getattr(self, name)}")
+        if self.refusal_delay < 0:
+            raise SettingsError(f"refusal_delay: must not be negative, got {self.refusal_delay}")
         if self.settle_after < 0:
             raise SettingsError(f"settle_after: must not be negative, got {self.settle_after}")
 

@@ -28,7 +28,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from collectors import auth
-from collectors.ratelimit import retry_after
+from collectors.ratelimit import address_key, retry_after
 from collectors.settings import IPNetwork
 
 API_WHOAMI = "/api/v1/whoami"
@@ -99,7 +99,7 @@ async def whoami(request: Request) -> JSONResponse:
         )
     except (AddressError, ValueError) as exc:
         return JSONResponse({"error": str(exc)}, status_code=400)
-    wait = state.address_limits.take(ip)
+    wait = state.address_limits.take(address_key(ip))
     if wait > 0:
         return JSONResponse(
             {"error": "too many whoami requests from this address; try again later"},

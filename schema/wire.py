@@ -70,6 +70,20 @@ def parse_time(value: str) -> dt.datetime:
     return dt.datetime.fromisoformat(value)
 
 
+#: The years a measurement may be dated (the wire schema's pattern says the same): no
+#: probe ran before 2000, and a date past 2100 is a clock error.
+MIN_YEAR, MAX_YEAR = 2000, 2100
+
+
+def format_time(value: dt.datetime) -> str:
+    """``TIME_FORMAT`` with a zero-padded four-digit year: ``strftime("%Y")`` writes
+    year 1 as "1", which :func:`parse_time` (rightly) refuses to read back."""
+    return (
+        f"{value.year:04d}-{value.month:02d}-{value.day:02d} "
+        f"{value.hour:02d}:{value.minute:02d}:{value.second:02d}"
+    )
+
+
 def format_asn(asn: int) -> str:
     return f"AS{asn}"
 
@@ -394,7 +408,7 @@ def to_wire(m: Measurement) -> Doc:
         "data_format_version": DATA_FORMAT_VERSION,
         "measurement_uid": m.measurement_uid,
         "report_id": m.run_id,
-        "measurement_start_time": m.start_time.strftime(TIME_FORMAT),
+        "measurement_start_time": format_time(m.start_time),
         "test_runtime": m.test_runtime,
         "test_name": TEST_NAME,
         "test_version": TEST_VERSION,
@@ -439,7 +453,10 @@ def from_wire(d: Doc) -> Measurement:
             for k, v in (d.get("annotations") or {}).items()
             if k not in VANTAGE_ANNOTATIONS
         }
-        start = parse_time(d["measurement_start_time"])
+        try:
+            start = parse_time(d["measurement_start_time"])
+        except ValueError as exc:
+            raise WireError(f"measurement_start_time: {exc}") from None
         return Measurement(
             measurement_uid=d["measurement_uid"],
             run_id=d["report_id"],
@@ -456,6 +473,8 @@ def from_wire(d: Doc) -> Measurement:
         )
     except KeyError as exc:
         raise WireError(f"missing field {exc.args[0]!r}") from exc
+    except WireError:
+        raise
     except (TypeError, ValueError, AttributeError) as exc:
         raise WireError(f"malformed measurement: {exc}") from exc
 

@@ -83,6 +83,8 @@
   }
 
   function shortId(id) {
+    // The public sees a probe's pseudonym, or nothing when the collector has no key.
+    if (id == null) return el("code", { title: "not shown to the public" }, "-");
     return el("code", { title: id, "data-probe-id": id }, id.length > 8 ? id.slice(0, 8) : id);
   }
 

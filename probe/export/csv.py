@@ -7,6 +7,11 @@ UTC (``2024-05-01T12:00:00Z``); list columns are joined with ``;`` (an
 ``unknown_failure: <detail>`` could itself contain ``;``: the Parquet and JSONL exports
 keep exact lists).
 
+Cells are neutralised against formula injection (``probe.export.flat.csv_text``): a
+text cell beginning with ``=``, ``+``, ``-``, ``@``, a tab or a carriage return (and each
+such element of a list cell) is written with a leading ``'``. Strip one leading ``'``
+from such a cell to get the value; the JSONL and Parquet exports keep values exact.
+
 >>> import pandas as pd
 >>> df = pd.read_csv("export.csv", parse_dates=["measurement_start_time"])
 """
@@ -17,12 +22,13 @@ import csv
 import io
 from collections.abc import Sequence
 
-from probe.export.flat import COLUMNS, NAMES, csv_time, row
+from probe.export.flat import COLUMNS, NAMES, csv_text, csv_time, row
 from probe.export.reader import Record
 
 _BOOLS = tuple(i for i, c in enumerate(COLUMNS) if c.type == "bool")
 _LISTS = tuple(i for i, c in enumerate(COLUMNS) if c.type == "list")
 _TIMES = tuple(i for i, c in enumerate(COLUMNS) if c.type == "timestamp")
+_TEXTS = tuple(i for i, c in enumerate(COLUMNS) if c.type == "string")
 
 
 def cells(rec: Record) -> list[object]:
@@ -32,8 +38,12 @@ def cells(rec: Record) -> list[object]:
         v = values[i]
         if v is not None:
             values[i] = "true" if v else "false"
+    for i in _TEXTS:
+        v = values[i]
+        if isinstance(v, str):
+            values[i] = csv_text(v)
     for i in _LISTS:
-        values[i] = ";".join(values[i])  # type: ignore[arg-type]
+        values[i] = ";".join(csv_text(v) for v in values[i])  # type: ignore[attr-defined]
     for i in _TIMES:
         values[i] = csv_time(values[i])  # type: ignore[arg-type]
     return values

@@ -66,6 +66,11 @@ class Filters:
         return ", ".join(parts) if parts else "no filter"
 
 
+#: AS numbers are stored as SQL INTEGER (32-bit signed): a larger one matches nothing
+#: and some databases refuse to compare with it, so it is refused here.
+MAX_STORED_ASN = 2**31 - 1
+
+
 def parse_time(name: str, value: str, *, end: bool = False) -> dt.datetime:
     """An ISO 8601 date or datetime as an aware UTC datetime.
 
@@ -82,6 +87,8 @@ def parse_time(name: str, value: str, *, end: bool = False) -> dt.datetime:
         except ValueError as exc:
             raise FilterError(f"{name}: not a date: {value!r} ({exc})") from None
         if end:
+            if day == dt.date.max:  # the end of 9999-12-31: the end of time
+                return dt.datetime.max.replace(tzinfo=dt.UTC)
             day += dt.timedelta(days=1)
         return dt.datetime(day.year, day.month, day.day, tzinfo=dt.UTC)
     try:
@@ -93,7 +100,10 @@ def parse_time(name: str, value: str, *, end: bool = False) -> dt.datetime:
         ) from None
     if when.tzinfo is None:
         when = when.replace(tzinfo=dt.UTC)
-    return when.astimezone(dt.UTC)
+    try:
+        return when.astimezone(dt.UTC)
+    except OverflowError:  # 0001-01-01T00:00+01:00 is in year 0, which datetime lacks
+        raise FilterError(f"{name}: out of range in UTC (years 1 to 9999): {value!r}") from None
 
 
 def _values(name: str, given: str | Iterable[str] | None, *, split: bool = True) -> list[str]:
@@ -139,6 +149,10 @@ def parse_filters(
         match = _ASN.fullmatch(value)
         if match is None or int(match.group(1)) > 2**32 - 1:
             raise FilterError(f"asn: not an AS number like 1234 or AS1234: {value!r}")
+        if int(match.group(1)) > MAX_STORED_ASN:
+            raise FilterError(
+                f"asn: {value!r} is above AS{MAX_STORED_ASN}, the largest the tables hold"
+            )
         asns.append(int(match.group(1)))
     kinds = []
     for value in _values("blocking", blocking):

@@ -153,7 +153,25 @@ def row(rec: Record) -> tuple[Any, ...]:
 
 def csv_time(value: dt.datetime) -> str:
     """``2024-05-01T12:00:00Z``: ISO 8601 in UTC, whole seconds as measured."""
-    text = value.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    v = value.astimezone(dt.UTC)
+    text = f"{v.year:04d}-{v.month:02d}-{v.day:02d}T{v.hour:02d}:{v.minute:02d}:{v.second:02d}"
     if value.microsecond:
         text += f".{value.microsecond:06d}"
     return text + "Z"
+
+
+#: What a spreadsheet takes as the start of a formula (or a DDE command) in a cell.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_text(value: str) -> str:
+    """A text cell that no spreadsheet runs: a value that begins as a formula would
+    (``=``, ``+``, ``-``, ``@``, tab, carriage return) gets a leading ``'``, which
+    spreadsheets show as "text follows" and do not display. Measured data is
+    attacker-controlled (a network name, a target id from a catalog, a service name):
+    ``=HYPERLINK(...)`` must reach the reader as text.
+
+    >>> csv_text("=1+1"), csv_text("whatsapp")
+    ("'=1+1", 'whatsapp')
+    """
+    return "'" + value if value.startswith(FORMULA_STARTS) else value

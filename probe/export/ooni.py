@@ -368,11 +368,11 @@ def ooni_measurement(rec: Record, asn_of: AsnLookup = _no_asn) -> Doc:
     service_keys = SERVICE_KEYS.get(rec.service)
     if service_keys is not None:
         test_keys.update(service_keys(rec.peers))
-    start = rec.start.strftime(TIME_FORMAT)
+    start = wire.format_time(rec.start)
     return {
         "data_format_version": DATA_FORMAT_VERSION,
         "measurement_start_time": start,
-        "test_start_time": rec.run_started.strftime(TIME_FORMAT) if rec.run_started else start,
+        "test_start_time": wire.format_time(rec.run_started) if rec.run_started else start,
         "test_runtime": rec.test_runtime,
         "test_name": TEST_NAMES.get(rec.service, wire.TEST_NAME),
         "test_version": wire.TEST_VERSION,

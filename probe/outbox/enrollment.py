@@ -246,8 +246,9 @@ def enroll(cfg: Config, url: str, token: str, *, force: bool = False) -> Enrollm
         )
     if status == 409:
         raise EnrollmentError(
-            f"probe {pid} is already enrolled at {base} with a live credential: ask the "
-            "operator to revoke it (`vantage collector probes revoke`), then enroll again"
+            f"probe {pid} is already enrolled at {base}, or was revoked there: ask the "
+            "operator to revoke it (`vantage collector probes revoke`) and to restore it "
+            "(`vantage collector probes restore`), then enroll again"
             f"{_said(body)}",
             "conflict",
         )

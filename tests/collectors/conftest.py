@@ -44,13 +44,18 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @contextmanager
-def serving_app(settings: CollectorSettings, engine: sa.Engine | None = None) -> Iterator[str]:
-    """The collector app under uvicorn in a thread (lifespan on); yields its URL."""
+def serving_app(
+    settings: CollectorSettings, engine: sa.Engine | None = None, apps: list[Any] | None = None
+) -> Iterator[str]:
+    """The collector app under uvicorn in a thread (lifespan on); yields its URL.
+    ``apps``: the app is appended to it (for tests that look at its state)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     app = create_app(settings.replace(port=port), engine)
+    if apps is not None:
+        apps.append(app)
     server = uvicorn.Server(server_config(app, settings.replace(port=port)))
     thread = threading.Thread(target=lambda: asyncio.run(server.serve([sock])), daemon=True)
     thread.start()
@@ -71,8 +76,11 @@ def serving_app(settings: CollectorSettings, engine: sa.Engine | None = None) ->
 class Collector:
     """A collector app on loopback with its engine, for tests that look inside."""
 
-    def __init__(self, url: str, engine: sa.Engine, settings: CollectorSettings) -> None:
+    def __init__(
+        self, url: str, engine: sa.Engine, settings: CollectorSettings, app: Any = None
+    ) -> None:
         self.url = url
+        self.app = app
         self.engine = engine
         self.settings = settings
         self.http = httpx.Client(base_url=url, trust_env=False, timeout=60)
@@ -103,10 +111,11 @@ def make_collector(pg_url: str) -> Iterator[Callable[..., Collector]]:
         settings = CollectorSettings(db=db or pg_url, **kw)
         engine = open_engine(settings)
         engines.append(engine)
-        cm = serving_app(settings, engine)
+        apps: list[Any] = []
+        cm = serving_app(settings, engine, apps)
         url = cm.__enter__()
         stack.append(cm)
-        collector = Collector(url, engine, settings)
+        collector = Collector(url, engine, settings, apps[0])
         stack.append(collector)
         return collector
 

@@ -94,6 +94,10 @@ def test_tokens_and_probes_from_the_command_line(pg_url: str) -> None:
     assert revoked.returncode == 0, revoked.stderr
     again = vantage("collector", "probes", "revoke", probe_id, db=pg_url)
     assert again.returncode == 1 and "no live probe" in again.stderr
+    restored = vantage("collector", "probes", "restore", probe_id, db=pg_url)
+    assert restored.returncode == 0 and "may enroll again" in restored.stdout, restored.stderr
+    twice = vantage("collector", "probes", "restore", probe_id, db=pg_url)
+    assert twice.returncode == 1 and "no revoked probe" in twice.stderr
     assert vantage("collector", "enroll-token", "revoke", "1", db=pg_url).returncode == 0
     gone = vantage("collector", "enroll-token", "revoke", "1", db=pg_url)
     assert gone.returncode == 1

@@ -20,6 +20,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -29,6 +30,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 
 from collectors import dashboard, query
+from probe.export.pseudonym import Pseudonymizer
 from probe.store import Store
 from schema import tables
 from tests.collectors.test_query import PROBES, make_measurement, seed_probes, store_runs, vantage
@@ -38,9 +40,11 @@ UTC = dt.UTC
 HOSTILE_SERVICE = '<img src=x onerror="document.title=1">'
 
 
-def app_with_both_routers(engine: sa.Engine) -> FastAPI:
+def app_with_both_routers(engine: sa.Engine, key_file: Path) -> FastAPI:
+    """The read API and the dashboard, as the public sees them: probes by pseudonym."""
     app = FastAPI()
     app.state.engine = engine
+    app.state.settings = SimpleNamespace(pseudonym_key_file=str(key_file), operator_token_file="")
     app.include_router(query.router)
     app.include_router(dashboard.router)
     return app
@@ -95,9 +99,11 @@ def served(tmp_path: Path) -> Iterator[tuple[str, dict[str, Any], Requests]]:
              "status": "blocked", "blocking": ["tls"], "started_at": today - dt.timedelta(days=9),
              "ended_at": today - dt.timedelta(days=8), "runs": ["r3", "r4", "r5"]},
         ])  # fmt: skip
-    expected = {"today": today, "a": a, "b": b, "plan": plan}
+    key = tmp_path / "pseudonym.key"
+    expected = {"today": today, "a": a, "b": b, "plan": plan,
+                "shown": Pseudonymizer.from_key_file(key)}  # fmt: skip
 
-    app = app_with_both_routers(store.engine)
+    app = app_with_both_routers(store.engine, key)
     requests = Requests(app)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
@@ -232,22 +238,23 @@ def test_the_dashboard_shows_blocking_events_and_the_fleet(
     assert len(events) == 1
     service, status, how, network, probe, since = events[0]
     assert (service, status, how, network) == ("signal", "blocked", "DNS", "AS64502 (IR)")
-    assert probe == PROBES[2][0][:8] and since.startswith(day(2) + " 00:00 UTC")
+    shown = expected["shown"]  # the public sees pseudonyms (collectors.access)
+    assert probe == shown(PROBES[2][0])[:8] and since.startswith(day(2) + " 00:00 UTC")
 
     # The fleet: last seen and backlog, and the state an operator acts on.
     (header, *probes) = page.rows["probes"]
     assert header == ["Probe", "Network", "Last seen", "Backlog", "State"]
     by_probe = {row[0]: row for row in probes}
     assert len(probes) == 4
-    first = by_probe[PROBES[0][0][:8]]
+    first = by_probe[shown(PROBES[0][0])[:8]]
     assert (
         first[1] == "AS64500 (DE)"
         and first[2].endswith("(2 min ago)")
         and first[3:] == ["0", "active"]
     )
-    assert by_probe[PROBES[1][0][:8]][3:] == ["1234", "silent for over a day"]
-    assert by_probe[PROBES[2][0][:8]][4] == "revoked"
-    assert by_probe["44444444"][1:] == ["unknown", "never", "unknown", "never seen"]
+    assert by_probe[shown(PROBES[1][0])[:8]][3:] == ["1234", "silent for over a day"]
+    assert by_probe[shown(PROBES[2][0])[:8]][4] == "revoked"
+    assert by_probe[shown("44444444-4444-4444-8444-444444444444")[:8]][1:] == ["unknown", "never", "unknown", "never seen"]
     assert "1 blocking event open: signal on AS64502 (IR)" in page.text["status"]
 
     # The hostile name is text: no element came out of it, and the title is untouched.

@@ -85,13 +85,19 @@ def test_an_unknown_token_is_401(collector: Collector) -> None:
     assert r.json()["error"] == "unknown enroll token"
 
 
-def test_an_enrolled_probe_is_409_until_revoked(collector: Collector) -> None:
+def test_an_enrolled_probe_is_409_until_revoked_and_restored(collector: Collector) -> None:
     probe_id = str(uuid.uuid4())
     old = enroll(collector, collector.enroll_token(), probe_id).json()["credential"]
     r = enroll(collector, collector.enroll_token(), probe_id)
     assert r.status_code == 409
     assert probe_id in r.json()["error"]
     assert auth.revoke_probe(collector.engine, probe_id)
+    # Revoked stays revoked: any enroll token cannot take the id over (issue 18, 11).
+    taken = enroll(collector, collector.enroll_token(), probe_id)
+    assert taken.status_code == 409
+    assert "restores it" in taken.json()["error"]
+    assert not auth.restore_probe(collector.engine, str(uuid.uuid4()))
+    assert auth.restore_probe(collector.engine, probe_id)  # the operator's decision
     again = enroll(collector, collector.enroll_token(), probe_id)
     assert again.status_code == 201
     with pytest.raises(auth.AuthError, match="unknown"):

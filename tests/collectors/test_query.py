@@ -12,8 +12,11 @@ from __future__ import annotations
 import collections
 import datetime as dt
 import random
+import tempfile
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -138,11 +141,24 @@ def seed_probes(engine: sa.Engine, now: dt.datetime) -> list[dict[str, Any]]:
     return rows
 
 
-def app_for(engine: sa.Engine) -> FastAPI:
+OPERATOR = "vop_the-operator-of-the-read-api-tests"
+
+
+def app_for(engine: sa.Engine, pseudonym_key_file: str = "") -> FastAPI:
+    """The read API alone; a client with :data:`OPERATOR_HEADERS` is the operator
+    (who sees real probe ids), one without is the public."""
     app = FastAPI()
     app.state.engine = engine
+    token = Path(tempfile.mkdtemp()) / "operator.token"
+    token.write_text(OPERATOR + "\n")
+    app.state.settings = SimpleNamespace(
+        operator_token_file=str(token), pseudonym_key_file=pseudonym_key_file
+    )
     app.include_router(query.router)
     return app
+
+
+OPERATOR_HEADERS = {"Authorization": f"Bearer {OPERATOR}"}
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -159,7 +175,7 @@ class Seeded:
         self.runs = generate()
         store_runs(self.store, self.runs)
         self.ms = [m for *_, ms in self.runs for m in ms]
-        self.client = TestClient(app_for(self.engine))
+        self.client = TestClient(app_for(self.engine), headers=OPERATOR_HEADERS)
 
     def expected(self, keep: Any = lambda m: True) -> list[str]:
         return [m.measurement_uid for m in sorted(self.ms, key=order) if keep(m)]
@@ -487,3 +503,35 @@ def test_parse_time_and_cursor_round_trip() -> None:
     assert query.decode_cursor(query.encode_cursor(when, "u-1")) == (when, "u-1")
     with pytest.raises(query.BadParameter, match="^after: "):
         query.decode_cursor("W10")  # "[]"
+
+
+# -- what the public sees (issue 18, item 10) ----------------------------------------------
+
+
+def test_the_public_sees_probes_only_by_their_pseudonyms(seeded: Seeded, tmp_path: Path) -> None:
+    from probe.export.pseudonym import Pseudonymizer
+
+    key = tmp_path / "pseudonym.key"
+    public = TestClient(app_for(seeded.engine, str(key)))
+    p = Pseudonymizer.from_key_file(key)
+    real = PROBES[2][0]
+    docs = public.get("/api/v1/measurements", params={"limit": 1000}).json()["measurements"]
+    assert docs and {d["probe_id"] for d in docs} <= {p(pid) for pid, *_ in PROBES}
+    mine = public.get("/api/v1/measurements", params={"probe": p(real), "limit": 1000})
+    assert [d["measurement_uid"] for d in mine.json()["measurements"]] == seeded.expected(
+        lambda m: m.vantage.probe_id == real
+    )[:1000]
+    # A real id given by the public matches nothing: it cannot confirm a guess.
+    guess = public.get("/api/v1/measurements", params={"probe": real}).json()
+    assert guess["measurements"] == []
+    seed_probes(seeded.engine, dt.datetime.now(dt.UTC))
+    listed = public.get("/api/v1/probes").json()["probes"]
+    assert {x["probe_id"] for x in listed} <= {p(pid) for pid in [*(q[0] for q in PROBES),
+                                                                   "44444444-4444-4444-8444-444444444444"]}  # fmt: skip
+    assert real not in public.get("/api/v1/probes").text
+    # Without a pseudonym key the public sees no probe ids at all.
+    anonymous = TestClient(app_for(seeded.engine))
+    docs = anonymous.get("/api/v1/measurements", params={"limit": 5}).json()["measurements"]
+    assert {d["probe_id"] for d in docs} == {None}
+    r = anonymous.get("/api/v1/measurements", params={"probe": real})
+    assert r.status_code == 422 and r.json()["error"].startswith("probe:")

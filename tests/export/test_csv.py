@@ -121,3 +121,13 @@ def test_text_with_commas_quotes_and_newlines_survives(engine, stored) -> None:
     rows = _read(export_bytes(engine, "csv", service=['news, "quoted"']))
     assert rows and all(r["service"] == 'news, "quoted"' for r in rows)
     assert all(r["input"] == "https://例え.jp/path?q=a,b;c" for r in rows)
+
+
+
+def test_csv_text_neutralises_what_starts_like_a_formula() -> None:
+    from probe.export.flat import FORMULA_STARTS, csv_text
+
+    for start in FORMULA_STARTS:
+        assert csv_text(f"{start}HYPERLINK(1)") == f"'{start}HYPERLINK(1)"
+    assert csv_text("whatsapp") == "whatsapp" and csv_text("") == ""
+    assert csv_text("a=b") == "a=b"  # only the start of a cell counts

@@ -24,10 +24,14 @@ from probe.export.pseudonym import Pseudonymizer
 from probe.export.reader import ReadError
 from tests.export.conftest import export_bytes, lines
 
+OPERATOR = "vop_the-operator-of-this-test-collector"
+
 
 @pytest.fixture
 def settings(tmp_path: Path) -> SimpleNamespace:
-    return SimpleNamespace(asn_db="", pseudonym_key_file="")
+    token_file = tmp_path / "operator.token"
+    token_file.write_text(OPERATOR + "\n")
+    return SimpleNamespace(asn_db="", pseudonym_key_file="", operator_token_file=str(token_file))
 
 
 @pytest.fixture
@@ -50,8 +54,10 @@ def base_url(engine, settings) -> Iterator[str]:
     thread.join(10)
 
 
-def _get(base_url: str, query: str) -> httpx.Response:
-    return httpx.get(f"{base_url}/api/v1/export?{query}", timeout=30)
+def _get(base_url: str, query: str, operator: bool = True) -> httpx.Response:
+    """An export as the operator (who may have real probe ids), or as the public."""
+    headers = {"Authorization": f"Bearer {OPERATOR}"} if operator else {}
+    return httpx.get(f"{base_url}/api/v1/export?{query}", timeout=30, headers=headers)
 
 
 @pytest.mark.parametrize("fmt,media", [("jsonl", "application/x-ndjson"),
@@ -106,6 +112,22 @@ def test_pseudonymize_with_the_collectors_key(base_url, settings, engine, tmp_pa
     hashed = [json.loads(x) for x in lines(r.content)]
     assert [d["probe_id"] for d in hashed] == [p(d["probe_id"]) for d in plain]
     assert _get(base_url, "format=jsonl&pseudonymize=true").content == r.content  # same key
+
+
+def test_the_public_gets_pseudonyms_only(base_url, settings, engine, tmp_path) -> None:
+    r = _get(base_url, "format=jsonl", operator=False)
+    assert r.status_code == 403  # no pseudonym key: nothing is published
+    assert "no pseudonym key" in r.json()["error"]
+    settings.pseudonym_key_file = str(tmp_path / "collector.key")
+    r = _get(base_url, "format=jsonl&pseudonymize=false", operator=False)
+    assert r.status_code == 403
+    assert "operator's token" in r.json()["error"]
+    wrong = httpx.get(f"{base_url}/api/v1/export?format=jsonl&pseudonymize=false",
+                      headers={"Authorization": "Bearer vop_not-the-token"}, timeout=30)  # fmt: skip
+    assert wrong.status_code == 403
+    public = _get(base_url, "format=jsonl", operator=False)
+    assert public.status_code == 200
+    assert public.content == _get(base_url, "format=jsonl&pseudonymize=true").content
 
 
 def test_a_failure_midway_cuts_the_response_short(base_url, monkeypatch) -> None:

@@ -189,6 +189,13 @@ def test_a_revoked_credential(probe: Probe, collector: CollectorProcess) -> None
     proc = cli("upload", data_dir=p.cfg.data_dir())
     assert proc.returncode == 77 and "re-enroll" in proc.stderr
     assert set(outbox_rows(p.store)) == set(uids)  # kept for the next credential
+    # A revoked id stays revoked until the operator restores it (issue 18).
+    proc = cli("enroll", collector.url, "--token", collector.enroll_token(), "--force",
+               data_dir=p.cfg.data_dir())  # fmt: skip
+    assert proc.returncode != 0 and "restore" in proc.stderr
+    restore = cli("collector", "probes", "restore", p.probe_id, data_dir=p.cfg.data_dir(),
+                  env={"VANTAGE_COLLECTOR_DB": collector.db})  # fmt: skip
+    assert restore.returncode == 0, restore.stderr
     # Re-enrolled (the probe id is the same, its old credential revoked): all arrive.
     proc = cli("enroll", collector.url, "--token", collector.enroll_token(), "--force",
                data_dir=p.cfg.data_dir())  # fmt: skip
