@@ -273,8 +273,9 @@ def probe_uploads(
         for k in range(uploads):
             run = str(uuid.uuid4())
             body = gzip.compress(
-                json.dumps({"measurements": [doc(probe_id, run, k * batch + i)
-                                             for i in range(batch)]}).encode()  # fmt: skip
+                json.dumps(
+                    {"measurements": [doc(probe_id, run, k * batch + i) for i in range(batch)]}
+                ).encode()  # fmt: skip
             )
             start = time.perf_counter()
             try:

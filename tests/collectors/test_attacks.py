@@ -147,9 +147,7 @@ def test_a_good_batch_is_charged_what_it_held(make_collector) -> None:
 def test_concurrent_uploads_cannot_get_around_the_rate(make_collector) -> None:
     # The attack: 40 concurrent full batches were all accepted. Tokens are reserved
     # before a body is read, so at most burst / (1 + max_items) = 2 batches pass.
-    c = make_collector(
-        max_items=10, upload_rate=NO_REFILL, upload_burst=22, uploads_per_probe=100
-    )
+    c = make_collector(max_items=10, upload_rate=NO_REFILL, upload_burst=22, uploads_per_probe=100)
     probe_id = new_id()
     cred = c.enroll(probe_id)
     bodies = [body_of([doc(probe_id, new_id(), i) for i in range(10)]) for _ in range(12)]
@@ -157,7 +155,9 @@ def test_concurrent_uploads_cannot_get_around_the_rate(make_collector) -> None:
     async def all_at_once() -> list[int]:
         h = {"Authorization": f"Bearer {cred}", "Content-Type": "application/json"}
         async with httpx.AsyncClient(base_url=c.url, trust_env=False, timeout=60) as client:
-            answers = await asyncio.gather(*(client.post(API, content=b, headers=h) for b in bodies))
+            answers = await asyncio.gather(
+                *(client.post(API, content=b, headers=h) for b in bodies)
+            )
         return [a.status_code for a in answers]
 
     codes = asyncio.run(all_at_once())

@@ -254,7 +254,12 @@ def test_the_dashboard_shows_blocking_events_and_the_fleet(
     )
     assert by_probe[shown(PROBES[1][0])[:8]][3:] == ["1234", "silent for over a day"]
     assert by_probe[shown(PROBES[2][0])[:8]][4] == "revoked"
-    assert by_probe[shown("44444444-4444-4444-8444-444444444444")[:8]][1:] == ["unknown", "never", "unknown", "never seen"]
+    assert by_probe[shown("44444444-4444-4444-8444-444444444444")[:8]][1:] == [
+        "unknown",
+        "never",
+        "unknown",
+        "never seen",
+    ]
     assert "1 blocking event open: signal on AS64502 (IR)" in page.text["status"]
 
     # The hostile name is text: no element came out of it, and the title is untouched.

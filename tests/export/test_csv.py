@@ -123,7 +123,6 @@ def test_text_with_commas_quotes_and_newlines_survives(engine, stored) -> None:
     assert all(r["input"] == "https://例え.jp/path?q=a,b;c" for r in rows)
 
 
-
 def test_csv_text_neutralises_what_starts_like_a_formula() -> None:
     from probe.export.flat import FORMULA_STARTS, csv_text
 
