@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import re
 import signal
 import subprocess
 import sys
@@ -17,7 +18,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
 import pytest
 import sqlalchemy as sa
 
@@ -128,6 +128,20 @@ def test_the_collector_down_for_a_while_then_back(
     assert outbox_rows(p.store) == {}
 
 
+def _acked_bytes(port: int) -> int:
+    """Bytes the peer acknowledged on the established connections to ``port`` (from the
+    kernel's TCP info, ``ss -ti``), counted only when nothing is left unsent."""
+    out = subprocess.run(["ss", "-tinH", "state", "established", "dport", "=", f":{port}"],
+                         capture_output=True, text=True, check=False).stdout  # fmt: skip
+    total = 0
+    for info in out.splitlines():
+        acked = re.search(r"\bbytes_acked:(\d+)", info)
+        unsent = re.search(r"\bnotsent:(\d+)", info)
+        if acked and not unsent and "unacked:" not in info:
+            total += int(acked.group(1))
+    return total
+
+
 def test_a_probe_killed_mid_upload_loses_and_duplicates_nothing(
     tmp_path: Path, collector: CollectorProcess
 ) -> None:
@@ -146,16 +160,13 @@ def test_a_probe_killed_mid_upload_loses_and_duplicates_nothing(
     upload = subprocess.Popen([sys.executable, "-m", "probe", "upload"], cwd=ROOT, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
     try:
-        child = psutil.Process(upload.pid)
         deadline = time.monotonic() + 60
-        # In flight: connected to the collector, the collector not done with it yet.
-        while not any(
-            c.raddr and c.raddr.port == collector.port and c.status == psutil.CONN_ESTABLISHED
-            for c in child.net_connections("tcp")
-        ):
+        # In flight: the first batch's request is written whole (the kernel has every
+        # byte of it acknowledged), the collector not done with it yet. The upload asks
+        # the collector's whoami first, a few hundred bytes on the same connection.
+        while _acked_bytes(collector.port) < 20_000:
             assert upload.poll() is None and time.monotonic() < deadline, upload.stderr
             time.sleep(0.005)
-        time.sleep(0.2)  # the request is written (1000 documents gzip in milliseconds)
         upload.send_signal(signal.SIGSTOP)
         stored_while_stopped = collector.count("measurements")
         while collector.count("measurements") < 1000:  # the collector commits the batch
