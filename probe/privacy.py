@@ -9,9 +9,12 @@ among the machine's own. So:
 
 - :class:`Scrub` owns the rule. It finds addresses in text in every common form
   (dotted, zero-padded, dash- or underscore-separated, reversed as in
-  ``in-addr.arpa``, percent-encoded, as a 32-bit integer; IPv6 in any valid spelling,
-  with ``%3A`` or dashes, and as ``ip6.arpa`` nibbles), after decoding what hides
-  text (percent-encoding, HTML entities, content codings, UTF-16/32), and compares
+  ``in-addr.arpa``, percent-encoded, as a 32-bit integer in decimal or hex, inet_aton's
+  hex and octal parts; IPv6 in any valid spelling, with ``%3A`` or dashes, as
+  ``ip6.arpa`` nibbles, and IPv4 inside IPv6: mapped, 6to4, Teredo, NAT64), after
+  decoding what hides text (percent-encoding to any depth, HTML entities and markup,
+  backslash escapes, base64, Unicode compatibility forms and other scripts' digits,
+  invisible characters, content codings declared or not, UTF-16/32, UTF-7), and compares
   each with the probe's own addresses. It is applied when a measurement is stored
   and again on every path out of the store (upload, every export format, ``vantage
   run --json``), with the addresses known *then*: nothing leaves unscrubbed because
@@ -35,12 +38,13 @@ bodies keep ``body_sha256 = null`` and a ``body_keyed_sha256``: HMAC-SHA256 of t
 original hash under a secret that never leaves the probe (``scrub.key``), so equal
 bodies of one probe still compare equal.
 
-What is deliberately left alone (documented in deploy/README.md):
+What is kept as measured (documented in deploy/README.md), with one exception:
 
-- DNS answers and raw responses: what a resolver answered is the evidence of DNS
-  tampering, and an answer is the server's statement, not the probe's address;
-- TLS certificates, TCP and TLS endpoints and each HTTP hop's ``address`` (the
-  server's).
+- DNS answers and raw responses (what a resolver answered is the evidence of DNS
+  tampering), TLS certificates, TCP and TLS endpoints and each HTTP hop's ``address``
+  (the server's). The exception: an answer or endpoint that *is* one of the probe's
+  addresses (a hostile resolver answering with the address it saw, as whoami services
+  do) is written ``0.0.0.0`` (``::``), and the raw reply that holds it is dropped.
 
 Which addresses: :func:`local_addresses` reads this machine's own interface addresses
 (loopback excluded); :class:`OwnAddresses` adds what was learnt.
@@ -50,6 +54,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import codecs
 import dataclasses
 import datetime as dt
 import hashlib
@@ -63,6 +68,7 @@ import re
 import shutil
 import socket
 import subprocess
+import unicodedata
 import zlib
 from collections.abc import Iterable
 from pathlib import Path
@@ -192,13 +198,16 @@ def _ipv6_from_proc() -> set[str]:
 
 # -- finding an address in text, in any form -----------------------------------------
 
-_SEP4 = r"(?:\.|-|_|%2[eE])"
+_SEP4 = r"(?:[.\-_ ,:/]|%2[eE])"
 #: A run of four or more 1-3 digit groups: dotted, padded, dashed (reverse DNS names),
 #: percent-encoded dots; every window of four is tried, forwards and reversed.
 _V4_RUN = re.compile(rf"(?<![0-9])[0-9]{{1,3}}(?:{_SEP4}[0-9]{{1,3}}){{3,}}(?![0-9])")
 _DIGITS = re.compile(r"[0-9]{1,3}")
+#: The forms inet_aton accepts: dotted parts in hex (0xcb) or octal (0313).
+_ATON_PART = r"(?:0[xX][0-9A-Fa-f]{1,2}|[0-9]{1,4})"
+_V4_ATON = re.compile(rf"(?<![0-9A-Za-z.]){_ATON_PART}(?:\.{_ATON_PART}){{3}}(?![0-9A-Za-z])")
 #: An address as one 32-bit number (decimal or hex), as some trackers and logs write it.
-_V4_INT = re.compile(r"(?<![0-9A-Za-z.])(?:0[xX][0-9A-Fa-f]{8}|[0-9]{8,10})(?![0-9A-Za-z])")
+_V4_INT = re.compile(r"(?<![0-9A-Za-z.])(?:(?:0[xX])?[0-9A-Fa-f]{8}|[0-9]{8,10})(?![0-9A-Za-z])")
 _SEP6 = r"(?::|%3[aA]|-)"
 _V6_RUN = re.compile(
     rf"(?<![0-9A-Za-z])[0-9A-Fa-f]{{0,4}}(?:{_SEP6}[0-9A-Fa-f]{{0,4}}){{2,8}}"
@@ -230,6 +239,11 @@ class _Own:
                 v6.add(int(ip))
         self.v4 = frozenset(v4)
         self.v6 = frozenset(v6)
+        #: The addresses as raw bytes, as they appear in decoded base64 or binary data.
+        self.packed = tuple(
+            [ipaddress.IPv4Address(v).packed for v in v4]
+            + [ipaddress.IPv6Address(v).packed for v in v6]
+        )
         # Literal pieces that every spelling of an address holds: a quick test that
         # lets most text go without a regular expression. An IPv4 address is spelt
         # with its largest octet in decimal (dotted, padded, dashed, reversed, escaped
@@ -239,8 +253,12 @@ class _Own:
         hexes: set[str] = {"arpa"} if v6 else set()
         for value in v4:
             octets = ipaddress.IPv4Address(value).packed
-            digits |= {str(max(octets)), str(value)}
-            hexes.add(f"{value:08x}")
+            digits |= {str(max(octets)), str(value), f"0{max(octets):o}"}
+            # In hex: the whole (0xcb007107), an octet (0xcb.0x0...), and a 16-bit group
+            # as IPv6 spells it when it embeds the address (::ffff:, 6to4, NAT64, Teredo).
+            hexes |= {f"{value:08x}", f"0x{max(octets):x}"}
+            for v in (value, value ^ 0xFFFFFFFF):
+                hexes.add(max((f"{v >> 16:x}", f"{v & 0xFFFF:x}"), key=len))
         for value in v6:
             groups = ipaddress.IPv6Address(value).exploded.split(":")
             hexes.add(max((g.lstrip("0") or "0" for g in groups), key=len))
@@ -276,17 +294,25 @@ class _Own:
                         found.append((window[0].start(), window[3].end()))
             for number in _V4_INT.finditer(text):
                 token = number.group()
-                value = int(token, 16) if token[:2].lower() == "0x" else int(token)
-                if value in self.v4:
+                values = {int(token[2:] if token[:2].lower() == "0x" else token, 16)}
+                if token.isdigit():
+                    values.add(int(token))
+                if values & self.v4:
                     found.append(number.span())
-        for run in _V6_RUN.finditer(text) if self.v6 else ():
+            for dotted in _V4_ATON.finditer(text):
+                parts = dotted.group().split(".")
+                if all(p.isdigit() and not (len(p) > 1 and p[0] == "0") for p in parts):
+                    continue  # plain decimal: the runs above have it
+                octets = [o for o in map(_aton_part, parts) if o is not None and o <= 255]
+                if len(octets) == 4 and int.from_bytes(bytes(octets), "big") in self.v4:
+                    found.append(dotted.span())
+        scan_v6 = bool(self.v6) or ":" in text or "%3a" in text.lower()
+        for run in _V6_RUN.finditer(text) if scan_v6 else ():
             span = _v6_span(run.group())
             if span is None:
                 continue
             ip, lead, trail = span
-            if int(ip) in self.v6 or (
-                ip.ipv4_mapped is not None and int(ip.ipv4_mapped) in self.v4
-            ):
+            if int(ip) in self.v6 or (_embedded_v4(ip) & self.v4):
                 found.append((run.start() + lead, run.end() - trail))
         if self.v6 and "arpa" in text.lower():
             for arpa in _ARPA6.finditer(text):
@@ -333,15 +359,49 @@ class _Own:
         entities, backslash escapes, up to three layers)."""
         seen = {text}
         layer = [text]
-        for _ in range(3):
+        for _ in range(MAX_LAYERS):
             nxt = []
             for t in layer:
-                for decoded in _decodings(t):
-                    if decoded not in seen:
+                for decoded in _decodings(t, self.packed):
+                    if decoded not in seen and len(seen) < MAX_VIEWS:
                         seen.add(decoded)
                         nxt.append(decoded)
+            if not nxt:
+                break
             layer = nxt
-        return any(self.may_hold(t) and self.spans(t) for t in seen if t is not text)
+        return any(
+            t == _FOUND or (self.may_hold(t) and self.spans(t)) for t in seen if t is not text
+        )
+
+
+def _aton_part(part: str) -> int | None:
+    """One dotted part as inet_aton reads it (0x hex, 0 octal, else decimal)."""
+    try:
+        if part[:2].lower() == "0x":
+            return int(part[2:], 16)
+        if len(part) > 1 and part[0] == "0":
+            return int(part, 8)
+        return int(part)
+    except ValueError:
+        return None
+
+
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+
+
+def _embedded_v4(ip: ipaddress.IPv6Address) -> set[int]:
+    """The IPv4 addresses an IPv6 address carries: mapped, compatible, 6to4, Teredo's
+    client, NAT64's well-known prefix."""
+    out: set[int] = set()
+    if ip.ipv4_mapped is not None:
+        out.add(int(ip.ipv4_mapped))
+    if ip.sixtofour is not None:
+        out.add(int(ip.sixtofour))
+    if ip.teredo is not None:
+        out.add(int(ip.teredo[1]))
+    if ip in _NAT64 or int(ip) >> 32 == 0:
+        out.add(int(ip) & 0xFFFFFFFF)
+    return out
 
 
 def _v6_span(token: str) -> tuple[ipaddress.IPv6Address, int, int] | None:
@@ -372,19 +432,77 @@ def _v6_span(token: str) -> tuple[ipaddress.IPv6Address, int, int] | None:
     return None
 
 
+#: Layers of encoding undone, and views of one string looked at, at most.
+MAX_LAYERS = 8
+MAX_VIEWS = 64
+_BASE64 = re.compile(r"[A-Za-z0-9+/_-]{16,}={0,2}")
+_TAG = re.compile(r"<[^<>]{0,200}>")
+_FOUND = "\x00own address\x00"  # a view that stands for "the bytes hold an address"
+
+
 def _hints(text: str) -> bool:
-    """Whether ``text`` has what may hide an address (percent-encoding, entities,
-    backslash escapes)."""
-    return "%" in text or "&" in text or "\\" in text
+    """Whether ``text`` has what may hide an address from a plain search: encodings
+    (percent, entities, escapes, base64), markup, or characters beyond ASCII (other
+    digits, invisible ones)."""
+    return (
+        "%" in text
+        or "&" in text
+        or "\\" in text
+        or "<" in text
+        or not text.isascii()
+        or _BASE64.search(text) is not None
+    )
 
 
-def _decodings(text: str) -> Iterable[str]:
+def _decodings(text: str, packed: tuple[bytes, ...] = ()) -> Iterable[str]:
     if "%" in text:
         yield unquote(text)
     if "&" in text:
         yield html.unescape(text)
     if "\\" in text:
         yield _ESCAPE.sub(lambda m: chr(int(m.group(1) or m.group(2), 16)), text)
+    if "<" in text:
+        yield _TAG.sub("", text)
+    if not text.isascii():
+        yield _plain_unicode(text)
+    tried = 0
+    for run in _BASE64.finditer(text):
+        # The run, and its pieces between - and _ (a base64 token inside a host name).
+        for token in {run.group(), *re.split(r"[-_]", run.group())}:
+            if len(token) < 16 or tried >= 256:
+                continue
+            tried += 1
+            raw = _unbase64(token)
+            if raw is None:
+                continue
+            if any(p in raw for p in packed):
+                yield _FOUND
+            yield raw.decode("latin-1")
+
+
+#: Format characters that render as nothing (soft hyphen, zero-width ones, marks and
+#: isolates of direction, word joiners, the BOM) and decimal digits other than ASCII's.
+_INVISIBLE = re.compile("[\u00ad\u061c\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064\ufeff]")
+_OTHER_DIGIT = re.compile(r"(?![0-9])\d")
+
+
+def _plain_unicode(text: str) -> str:
+    """Compatibility forms folded (fullwidth digits and dots), every decimal digit of any
+    script as ASCII, invisible formatting characters (zero-width space, soft hyphen)
+    removed."""
+    folded = _INVISIBLE.sub("", unicodedata.normalize("NFKC", text))
+    return _OTHER_DIGIT.sub(lambda m: str(unicodedata.digit(m.group(), 0)), folded)
+
+
+def _unbase64(token: str) -> bytes | None:
+    body = token.rstrip("=")
+    padded = body + "=" * (-len(body) % 4)
+    for alphabet in (None, b"-_"):
+        try:
+            return base64.b64decode(padded, altchars=alphabet, validate=True)
+        except (binascii.Error, ValueError):
+            continue
+    return None
 
 
 # -- bodies ------------------------------------------------------------------------------
@@ -424,25 +542,9 @@ def _decode_one(data: bytes, coding: str) -> bytes:
             return _unzip(data, zlib.MAX_WBITS, multi=False)
         except _Undecodable:
             return _unzip(data, -zlib.MAX_WBITS, multi=False)
-    if coding == "br":
-        try:
-            import brotli  # type: ignore[import-not-found,unused-ignore]
-        except ImportError:
-            raise _Undecodable("no brotli decoder installed") from None
-        try:
-            return brotli.Decompressor().process(data)[: DECODE_LIMIT + 1]  # type: ignore[no-any-return]
-        except brotli.error as exc:
-            raise _Undecodable(str(exc)) from exc
-    if coding == "zstd":
-        try:
-            import zstandard  # type: ignore[import-not-found,unused-ignore]
-        except ImportError:
-            raise _Undecodable("no zstd decoder installed") from None
-        try:
-            reader = zstandard.ZstdDecompressor().decompressobj()
-            return reader.decompress(data)[: DECODE_LIMIT + 1]  # type: ignore[no-any-return]
-        except zstandard.ZstdError as exc:
-            raise _Undecodable(str(exc)) from exc
+    # br and zstd are not decoded: the engine never asks for them, and their decoders
+    # cannot bound their output here (a small body could expand without limit). A body
+    # kept in either is dropped when scrubbing, as any body that cannot be read.
     raise _Undecodable(f"content coding {coding!r}")
 
 
@@ -465,19 +567,35 @@ def _content(raw: bytes, content_encoding: str | None) -> tuple[bytes, bool]:
     any other coding, or several, is kept raw and is decoded here, last applied first.
     """
     applied = _codings(content_encoding)
+    encoded = bool(applied)
     if len(applied) == 1 and applied[0] in ("gzip", "x-gzip", "deflate"):
-        return raw, False  # decoded by the engine
-    data = raw
-    for coding in reversed(applied):
-        data = _decode_one(data, coding)
-    return data, bool(applied)
+        data, encoded = raw, False  # decoded by the engine
+    else:
+        data = raw
+        for coding in reversed(applied):
+            data = _decode_one(data, coding)
+    # Whatever the headers say, a body that is still compressed (sent compressed twice,
+    # or with no Content-Encoding) is decoded too, or it cannot be read.
+    for _ in range(MAX_LAYERS):
+        if data[:2] == b"\x1f\x8b":
+            data, encoded = _decode_one(data, "gzip"), True
+        elif len(data) > 2 and data[0] == 0x78 and (data[0] << 8 | data[1]) % 31 == 0:
+            try:
+                data, encoded = _unzip(data, zlib.MAX_WBITS, multi=False), True
+            except _Undecodable:
+                break  # not zlib after all: text that starts with "x"
+        elif data[:4] == b"\x28\xb5\x2f\xfd":
+            raise _Undecodable("a zstd stream")
+        else:
+            break
+    return data, encoded
 
 
 def _wide_texts(content: bytes, content_type: str | None) -> list[str]:
     """The body read as UTF-16 or UTF-32 when its BOM, its charset or its NUL bytes say
     it may be: text that bytewise search would not see."""
     charset = ""
-    match = re.search(r"charset\s*=\s*\"?([A-Za-z0-9_.:-]+)", content_type or "")
+    match = _CHARSET.search(content_type or "")
     if match:
         charset = match.group(1).lower()
     candidates: list[str] = []
@@ -487,12 +605,34 @@ def _wide_texts(content: bytes, content_type: str | None) -> list[str]:
         candidates += ["utf-16", "utf-16-le", "utf-16-be"]
     if not candidates and content.count(0) * 4 > len(content) > 0:
         candidates += ["utf-16-le", "utf-16-be", "utf-32-le", "utf-32-be"]
+    declared = _codec(charset)
+    if declared is not None and declared not in candidates:
+        candidates.append(declared)  # UTF-7, EBCDIC, ...: not ASCII where digits are
+    if b"\x00" in content and not any("16" in c or "32" in c for c in candidates):
+        candidates += ["utf-16-le", "utf-16-be"]  # wide text inside an ASCII body
     texts = []
     for codec in candidates:
         texts.append(content.decode(codec, errors="replace"))
         # An odd start (a body cut mid-character) shifts every character: try both.
         texts.append(content[1:].decode(codec, errors="replace"))
     return texts
+
+
+_CHARSET = re.compile(r"charset\s*=\s*\"?([A-Za-z0-9_.:-]+)", re.IGNORECASE)
+
+
+def _codec(charset: str) -> str | None:
+    """A declared charset that Python knows and that does not spell digits and dots as
+    ASCII does (so a bytewise search would miss them); None otherwise."""
+    if not charset:
+        return None
+    try:
+        probe = "0123456789.:%".encode(charset)
+        name = codecs.lookup(charset).name
+    except (LookupError, UnicodeError, ValueError):
+        return None
+    # UTF-7 writes these as ASCII but may also shift them ("+AC4-" is a dot).
+    return None if probe == b"0123456789.:%" and name != "utf-7" else charset
 
 
 def _body_bytes(value: Any) -> bytes:
@@ -531,8 +671,14 @@ def _plain(item: dict[str, Any], kind: str) -> bool:
         return True
     if response.get("body_is_truncated") or not isinstance(response.get("body", ""), str):
         return False
-    encoding = _header(response.get("headers_list"), "content-encoding")
-    return not _codings(encoding) or _codings(encoding) in (["gzip"], ["x-gzip"], ["deflate"])
+    headers = response.get("headers_list")
+    encoding = _header(headers, "content-encoding")
+    if _codings(encoding) and _codings(encoding) not in (["gzip"], ["x-gzip"], ["deflate"]):
+        return False
+    match = re.search(
+        r"charset\s*=\s*\"?([A-Za-z0-9_.:-]+)", _header(headers, "content-type") or ""
+    )
+    return match is None or _codec(match.group(1).lower()) is None  # text as ASCII spells it
 
 
 # -- the scrub --------------------------------------------------------------------------
@@ -541,9 +687,35 @@ def _plain(item: dict[str, Any], kind: str) -> bool:
 _KEPT = {
     "queries": frozenset({"answers", "raw_response"}),
     "tcp_connect": frozenset({"ip"}),
-    "tls_handshakes": frozenset({"address", "peer_certificates"}),
+    "tls_handshakes": frozenset({"address", "ip", "peer_certificates"}),
     "requests": frozenset({"address"}),
 }
+#: The endpoint fields of each observation (the server's address, or the probe's own
+#: when a hostile answer pointed it there).
+_ENDPOINT_KEYS = {
+    "tcp_connect": ("ip",),
+    "tls_handshakes": ("address", "ip"),
+    "requests": ("address",),
+}
+_PLACEHOLDER = {"ipv4": "0.0.0.0", "ipv6": "::"}
+
+
+def _placeholder_endpoint(value: str) -> str:
+    """``value`` (an address, ``ip:port`` or ``[ip]:port``) with the address part
+    replaced by the unspecified address of its family."""
+    port = ""
+    host = value
+    if value.startswith("["):
+        host, _, rest = value[1:].partition("]")
+        port = rest
+    elif value.count(":") == 1:
+        host, _, tail = value.partition(":")
+        port = ":" + tail
+    if ":" in host:
+        return f"[::]{port}" if port else "::"
+    return f"0.0.0.0{port}"
+
+
 OBSERVATION_KEYS = tuple(_KEPT)
 
 
@@ -673,11 +845,48 @@ class Scrub:
             return False  # may hide an address: each string is decoded on its own
         return not (self._own.may_hold(text) and self._own.spans(text))
 
+    def evidence(self, kind: str, item: dict[str, Any]) -> dict[str, Any]:
+        """An observation with the probe's own address taken out of the evidence that is
+        otherwise kept as measured: a DNS answer that is the probe's address (a
+        resolver that answers with the address it saw, as whoami services do) becomes
+        ``0.0.0.0`` or ``::`` and the raw reply, which holds it too, is dropped; an
+        endpoint that is the probe's own is written with the same placeholder."""
+        if not self._own:
+            return item
+        out = item
+        if kind == "queries":
+            answers, hit = [], False
+            for a in item.get("answers") or ():
+                for key in ("ipv4", "ipv6"):
+                    value = a.get(key) if isinstance(a, dict) else None
+                    if isinstance(value, str) and self.is_own(value):
+                        a, hit = {**a, key: _PLACEHOLDER[key]}, True
+                answers.append(a)
+            raw = item.get("raw_response")
+            if not hit and isinstance(raw, str) and self._own.packed:
+                try:
+                    wire_bytes = base64.b64decode(raw)
+                except (binascii.Error, ValueError):
+                    wire_bytes = b""
+                hit = any(p in wire_bytes for p in self._own.packed)
+            if hit:
+                out = {**item, "answers": answers, "raw_response": None}
+        else:
+            for key in _ENDPOINT_KEYS[kind]:
+                value = out.get(key)
+                if isinstance(value, str) and self.is_own(value):
+                    out = {**out, key: _placeholder_endpoint(value)}
+        if out is not item:
+            self.changed = True
+        return out
+
     def observations(self, kind: str, items: list[Any]) -> list[Any]:
         """A wire observation list (``queries``, ``tcp_connect``, ...) scrubbed."""
         kept = _KEPT[kind]
         out = []
         for item in items:
+            if isinstance(item, dict):
+                item = self.evidence(kind, item)
             if isinstance(item, dict) and _plain(item, kind) and self.clean(item):
                 out.append(item)
                 continue

@@ -474,6 +474,17 @@ def discover(
         if public_ip is not None:
             scrub.add(public_ip)
             remembered.learn([public_ip], origin)
+        # Known per address family: on a dual-stack line the interface's global IPv6
+        # address says nothing of the NAT's public IPv4 one, which servers see and echo.
+        # Only what this run learnt counts (an address remembered from another day may
+        # have changed since).
+        public = {ip for ip in search.addresses() if search.is_public(ip)}
+        if public_ip is not None and (learnt := _address(public_ip)) is not None:
+            public.add(learnt)
+        known_families: set[int] = {ip.version for ip in public}
+        # The families this machine speaks (IPv4 when its addresses cannot be read).
+        behind: set[int] = {ip.version for ip in search.addresses() if not ip.is_link_local}
+        unknown_families = (behind or {4}) - known_families
         asn, cc, name = _choose(cfg, sources)
         if public_ip is not None and (asn == 0 or cc == "ZZ" or name is None):
             found = search.lookup(public_ip)
@@ -485,7 +496,7 @@ def discover(
         if cc == "ZZ":
             search.note("country unknown")
 
-        resolver_ip, resolver_info = _resolver(search, system_resolver, scrub, public_ip)
+        resolver_ip, resolver_info = _resolver(search, system_resolver, scrub, known_families)
         network_type = v.network_type or _network_type(search)
         vp = vantage_point(cfg, None)
         vantage = VantagePoint(
@@ -502,19 +513,20 @@ def discover(
             resolver_network_name=resolver_info.network_name,
             public_ip=public_ip if cfg.privacy.store_ip else None,
         )
-        return Discovered(vantage, frozenset(scrub), tuple(search.notes), public_ip is not None)
+        return Discovered(vantage, frozenset(scrub), tuple(search.notes), not unknown_families)
     finally:
         search.close()
 
 
 def _resolver(
-    search: _Search, system_resolver: str | None, own: set[str], public_ip: str | None
+    search: _Search, system_resolver: str | None, own: set[str], known_families: set[int]
 ) -> tuple[str | None, NetworkInfo]:
     """The resolver's egress address and what the ASN database says of it.
 
-    While the probe's public address is unknown, an address learnt from the resolver
-    whoami cannot be told from the probe's own (a home router that resolves
-    recursively queries from the public address): it is not kept, its ASN is."""
+    While the probe's public address of the resolver address's family is unknown, an
+    address learnt from the resolver whoami cannot be told from the probe's own (a home
+    router that resolves recursively queries from the public address): it is not kept,
+    its ASN is. An interface's global IPv6 address says nothing of the NAT's IPv4 one."""
     name = search.cfg.vantage.resolver_whoami
     address: str | None = None
     if not name:
@@ -526,8 +538,9 @@ def _resolver(
             address = resolver_whoami(name, system_resolver, port=search.machine.dns_port)
         except DiscoveryError as exc:
             search.note(str(exc))
-        if address is not None and public_ip is None and address not in own:
-            info = search.lookup(address) or NetworkInfo()
+        seen = _address(address) if address is not None else None
+        if seen is not None and seen.version not in known_families and address not in own:
+            info = search.lookup(str(seen)) or NetworkInfo()
             search.note("the resolver's address is not kept: the probe's public address is "
                         "unknown, and the resolver's may be it", failure=False)  # fmt: skip
             return None, info

@@ -485,3 +485,17 @@ def test_probe_id_write_failure_leaves_no_temporary_file(tmp_path, monkeypatch) 
     with pytest.raises(OSError):
         vantage.probe_id(tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_dual_stack_a_global_ipv6_address_says_nothing_of_the_nat_ipv4(
+    tmp_path, dns_server
+) -> None:
+    # The Pi has a private IPv4 address behind a NAT and a global IPv6 one; the router's
+    # recursive resolver answers whoami with the NAT's public IPv4 address.
+    dns_server.set("whoami.test", a=["203.0.113.7"])
+    cfg = make_cfg(tmp_path, vantage__resolver_whoami="whoami.test",
+                   engine__public_ranges="203.0.113.0/24,2001:db8::/32")  # fmt: skip
+    found = discover(cfg, dns_server.host, machine=machine(
+        tmp_path, ("192.168.1.5", "2001:db8:1::7"), dns_port=dns_server.port))  # fmt: skip
+    assert found.vantage.resolver_ip is None  # it may be the NAT's address: not kept
+    assert not found.public_known  # the run is scrubbed again once IPv4's is learnt

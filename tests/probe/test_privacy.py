@@ -174,9 +174,10 @@ def test_scrub_covers_strings_and_leaves_evidence_alone() -> None:
     before = _everything(m)
     clean = scrub(m, frozenset({v4, v6}))
     assert _everything(m) == before
-    # DNS answers and raw wire are evidence, and TLS certificates are not text: unchanged.
-    assert clean.queries[0] == m.queries[0] and clean.queries[0].raw_response == raw
-    assert clean.queries[0].addresses() == [v4]
+    # A DNS answer that is the probe's own address is a placeholder, and the raw reply
+    # holding it goes; TLS certificates are not text: unchanged.
+    assert clean.queries[0].raw_response is None and m.queries[0].raw_response == raw
+    assert clean.queries[0].addresses() == ["0.0.0.0"]
     assert clean.tls_handshakes[0].peer_certificates == [v4.encode()]
     # Failure strings stay in the vocabulary.
     assert clean.queries[1].failure == f"unknown_failure: sendto {SCRUBBED}: no route"
