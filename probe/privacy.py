@@ -250,20 +250,23 @@ class _Own:
         # dots) unless it is one number (decimal or hex); an IPv6 address with its
         # longest group in hex, unless as ip6.arpa nibbles.
         digits: set[str] = set()
-        hexes: set[str] = {"arpa"} if v6 else set()
+        v4_hexes: set[str] = set()
+        v6_hexes: set[str] = {"arpa"} if v6 else set()
         for value in v4:
             octets = ipaddress.IPv4Address(value).packed
             digits |= {str(max(octets)), str(value), f"0{max(octets):o}"}
             # In hex: the whole (0xcb007107), an octet (0xcb.0x0...), and a 16-bit group
             # as IPv6 spells it when it embeds the address (::ffff:, 6to4, NAT64, Teredo).
-            hexes |= {f"{value:08x}", f"0x{max(octets):x}"}
+            v4_hexes |= {f"{value:08x}", f"0x{max(octets):x}"}
             for v in (value, value ^ 0xFFFFFFFF):
-                hexes.add(max((f"{v >> 16:x}", f"{v & 0xFFFF:x}"), key=len))
+                v6_hexes.add(max((f"{v >> 16:x}", f"{v & 0xFFFF:x}"), key=len))
         for value in v6:
             groups = ipaddress.IPv6Address(value).exploded.split(":")
-            hexes.add(max((g.lstrip("0") or "0" for g in groups), key=len))
+            v6_hexes.add(max((g.lstrip("0") or "0" for g in groups), key=len))
         self._digits = tuple(sorted(digits, key=len, reverse=True))
-        self._hexes = tuple(sorted(hexes, key=len, reverse=True))
+        self._v4_hexes = tuple(sorted(v4_hexes, key=len, reverse=True))
+        self._v6_hexes = tuple(sorted(v6_hexes, key=len, reverse=True))
+        self._hexes = self._v4_hexes + self._v6_hexes
         # Every spelling of an IPv4 address has a digit, and so has every spelling of an
         # IPv6 one but its compressed form: a string without a digit is skipped unless
         # one of the addresses can be written with letters only.
@@ -280,7 +283,13 @@ class _Own:
     def spans(self, text: str) -> list[tuple[int, int]]:
         """Where ``text`` spells one of the addresses: (start, end) pairs."""
         found: list[tuple[int, int]] = []
-        if self.v4:
+        low = text.lower()
+        # Each family's scans run only where its literal pieces are (see __init__).
+        v4_here = bool(self.v4) and (
+            any(d in text for d in self._digits) or any(h in low for h in self._v4_hexes)
+        )
+        v6_here = any(h in low for h in self._v6_hexes)
+        if v4_here:
             for run in _V4_RUN.finditer(text):
                 groups = list(_DIGITS.finditer(text, run.start(), run.end()))
                 for i in range(len(groups) - 3):
@@ -306,15 +315,14 @@ class _Own:
                 octets = [o for o in map(_aton_part, parts) if o is not None and o <= 255]
                 if len(octets) == 4 and int.from_bytes(bytes(octets), "big") in self.v4:
                     found.append(dotted.span())
-        scan_v6 = bool(self.v6) or ":" in text or "%3a" in text.lower()
-        for run in _V6_RUN.finditer(text) if scan_v6 else ():
+        for run in _V6_RUN.finditer(text) if v6_here else ():
             span = _v6_span(run.group())
             if span is None:
                 continue
             ip, lead, trail = span
             if int(ip) in self.v6 or (_embedded_v4(ip) & self.v4):
                 found.append((run.start() + lead, run.end() - trail))
-        if self.v6 and "arpa" in text.lower():
+        if self.v6 and "arpa" in low:
             for arpa in _ARPA6.finditer(text):
                 nibbles = arpa.group(1).replace(".", "")[::-1]
                 if int(nibbles, 16) in self.v6:
