@@ -75,7 +75,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
+from probe.engine.content import DECODED, codings
 from schema.model import Measurement
+from schema.wire import body_from_wire, body_to_wire
 
 log = logging.getLogger("vantage.privacy")
 
@@ -277,12 +279,12 @@ class _Own:
     def __bool__(self) -> bool:
         return bool(self.v4 or self.v6)
 
-    def _v4(self, value: int) -> bool:
-        return value in self.v4
-
     def spans(self, text: str) -> list[tuple[int, int]]:
-        """Where ``text`` spells one of the addresses: (start, end) pairs."""
+        """Where ``text`` spells one of the addresses: (start, end) pairs. It makes the
+        checks of :meth:`may_hold` itself, so a caller need not ask both."""
         found: list[tuple[int, int]] = []
+        if not self.letters_only and _ANY_DIGIT.search(text) is None:
+            return found
         low = text.lower()
         # Each family's scans run only where its literal pieces are (see __init__).
         v4_here = bool(self.v4) and (
@@ -342,8 +344,6 @@ class _Own:
 
     def replace(self, text: str) -> str:
         """``text`` with every spelling found replaced by ``[scrubbed]``."""
-        if not self.may_hold(text):
-            return text
         spans = sorted(self.spans(text))
         if not spans:
             return text
@@ -377,9 +377,7 @@ class _Own:
             if not nxt:
                 break
             layer = nxt
-        return any(
-            t == _FOUND or (self.may_hold(t) and self.spans(t)) for t in seen if t is not text
-        )
+        return any(t == _FOUND or self.spans(t) for t in seen if t is not text)
 
 
 def _aton_part(part: str) -> int | None:
@@ -563,20 +561,15 @@ def _header(pairs: Any, name: str) -> str | None:
     return None
 
 
-def _codings(value: str | None) -> list[str]:
-    items = [c.strip().lower() for c in (value or "").split(",")]
-    return [c for c in items if c and c != "identity"]
-
-
 def _content(raw: bytes, content_encoding: str | None) -> tuple[bytes, bool]:
     """The body's content and whether it is kept encoded (raises :class:`_Undecodable`).
 
     The engine decodes one gzip or deflate coding as it reads (probe.engine.content);
     any other coding, or several, is kept raw and is decoded here, last applied first.
     """
-    applied = _codings(content_encoding)
+    applied = codings(content_encoding)
     encoded = bool(applied)
-    if len(applied) == 1 and applied[0] in ("gzip", "x-gzip", "deflate"):
+    if len(applied) == 1 and applied[0] in DECODED:
         data, encoded = raw, False  # decoded by the engine
     else:
         data = raw
@@ -644,21 +637,11 @@ def _codec(charset: str) -> str | None:
 
 
 def _body_bytes(value: Any) -> bytes:
-    if isinstance(value, dict):
-        try:
-            return base64.b64decode(str(value.get("data", "")), validate=True)
-        except (binascii.Error, ValueError):
-            return b""
-    return str(value or "").encode("utf-8")
-
-
-def _body_wire(body: bytes) -> str | dict[str, str]:
-    if b"\x00" not in body:
-        try:
-            return body.decode("utf-8")
-        except UnicodeDecodeError:
-            pass
-    return {"format": "base64", "data": base64.b64encode(body).decode("ascii")}
+    """A wire body's bytes (``schema.wire``); a damaged base64 body reads as empty."""
+    try:
+        return body_from_wire(value if isinstance(value, dict) else str(value or ""))
+    except (binascii.Error, ValueError, KeyError, TypeError):
+        return b""
 
 
 def _json_text(value: Any) -> str:
@@ -681,7 +664,8 @@ def _plain(item: dict[str, Any], kind: str) -> bool:
         return False
     headers = response.get("headers_list")
     encoding = _header(headers, "content-encoding")
-    if _codings(encoding) and _codings(encoding) not in (["gzip"], ["x-gzip"], ["deflate"]):
+    applied = codings(encoding)
+    if applied and not (len(applied) == 1 and applied[0] in DECODED):
         return False
     match = re.search(
         r"charset\s*=\s*\"?([A-Za-z0-9_.:-]+)", _header(headers, "content-type") or ""
@@ -749,7 +733,7 @@ class Scrub:
         """Whether ``address`` (text, maybe with a port or zone) is one of the probe's."""
         if not address:
             return False
-        return bool(self._own.spans(address)) if self._own.may_hold(address) else False
+        return bool(self._own.spans(address))
 
     # -- strings and trees --
 
@@ -800,7 +784,7 @@ class Scrub:
         out: dict[str, Any] = {}
         for k, v in response.items():
             if k == "body":
-                out[k] = v if state == "kept" else _body_wire(body)
+                out[k] = v if state == "kept" else body_to_wire(body)
             elif k == "body_sha256" and rekey:
                 out[k] = None
                 keyed = self.keyed(digest, raw)
@@ -829,7 +813,7 @@ class Scrub:
             # Kept as sent (compressed, or text two or four bytes a character): it
             # cannot be edited in place, so a body holding an address goes.
             for text in [latin, *wide]:
-                if (self._own.may_hold(text) and self._own.spans(text)) or self._own.hidden(text):
+                if self._own.spans(text) or self._own.hidden(text):
                     return b"", "dropped"
             return raw, "kept"
         new = self._own.replace(latin)
@@ -851,7 +835,7 @@ class Scrub:
         text = _json_text(value)
         if "%" in text or "&" in text or r"\\" in text:  # JSON spells a backslash \\
             return False  # may hide an address: each string is decoded on its own
-        return not (self._own.may_hold(text) and self._own.spans(text))
+        return not self._own.spans(text)
 
     def evidence(self, kind: str, item: dict[str, Any]) -> dict[str, Any]:
         """An observation with the probe's own address taken out of the evidence that is

@@ -98,7 +98,7 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def _body_to_wire(body: bytes) -> str | Doc:
+def body_to_wire(body: bytes) -> str | Doc:
     # A NUL byte is valid UTF-8, but PostgreSQL's JSONB rejects "\u0000" in strings:
     # such a body travels base64-encoded like one that is not UTF-8.
     if b"\x00" not in body:
@@ -109,7 +109,7 @@ def _body_to_wire(body: bytes) -> str | Doc:
     return {"format": "base64", "data": _b64(body)}
 
 
-def _body_from_wire(value: str | Doc) -> bytes:
+def body_from_wire(value: str | Doc) -> bytes:
     if isinstance(value, str):
         return value.encode("utf-8")
     return base64.b64decode(value["data"])
@@ -299,7 +299,7 @@ def http_to_wire(h: HTTPTransaction) -> Doc:
         response = {
             "code": h.status,
             "headers_list": _headers(h.response_headers),
-            "body": _body_to_wire(h.body),
+            "body": body_to_wire(h.body),
             "body_is_truncated": h.body_is_truncated,
             "body_length": h.body_length,
             "body_sha256": h.body_sha256,
@@ -338,7 +338,7 @@ def http_from_wire(d: Doc) -> HTTPTransaction:
     if resp is not None:
         tx.status = int(resp["code"])
         tx.response_headers = [(k, v) for k, v in resp.get("headers_list") or ()]
-        tx.body = _body_from_wire(resp.get("body", ""))
+        tx.body = body_from_wire(resp.get("body", ""))
         tx.body_is_truncated = bool(resp.get("body_is_truncated", False))
         tx.body_length = int(resp.get("body_length", len(tx.body)))
         tx.body_sha256 = resp.get("body_sha256")

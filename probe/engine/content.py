@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import zlib
 
-import httpx
-
 _GZIP = zlib.MAX_WBITS | 16  # gzip header and trailer
 _ZLIB = zlib.MAX_WBITS  # zlib header (what "deflate" means in HTTP)
 _RAW_DEFLATE = -zlib.MAX_WBITS  # no header (what some servers send as "deflate")
 _FALLBACK_WINDOW = 64  # input kept to retry "deflate" as raw deflate
+
+
+#: The single codings the engine decodes as it reads (anything else is kept raw).
+DECODED = ("gzip", "x-gzip", "deflate")
 
 
 def codings(header: str | None) -> list[str]:
@@ -76,6 +78,8 @@ class BodyDecoder:
                 if self._kind == "gzip" and self._members:
                     self._ended = True  # junk after a complete gzip body is ignored
                     break
+                import httpx  # here: the scrub (probe.privacy) uses this module too
+
                 raise httpx.DecodingError(f"{self._kind} body: {exc}") from exc
             if self._kind == "deflate" and not piece and self._head is not None:
                 used = data[: len(data) - len(self._z.unconsumed_tail)]
