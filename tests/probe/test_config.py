@@ -113,12 +113,20 @@ def test_a_config_the_user_may_not_read_names_the_group(tmp_path: Path) -> None:
         config.write_text("[probe]\n")
         config.chmod(0o640)
         shutil.chown(config, group=group)
+        # The code as the other user can read it (the checkout may sit in a private
+        # directory, as a fresh clone under mktemp -d does).
         root = Path(__file__).resolve().parents[2]
+        code = place / "code"
+        for package in ("probe", "schema"):
+            shutil.copytree(root / package, code / package,
+                            ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+        for path in [code, *code.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
         proc = subprocess.run(
             ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable,
              "-m", "probe", "--config", str(config), "targets"],
-            capture_output=True, text=True, timeout=60, cwd=root,
-            env={"PATH": os.environ["PATH"], "PYTHONPATH": str(root), "HOME": str(place)},
+            capture_output=True, text=True, timeout=60, cwd=place,
+            env={"PATH": os.environ["PATH"], "PYTHONPATH": str(code), "HOME": str(place)},
         )  # fmt: skip
     finally:
         shutil.rmtree(place)
